@@ -1,0 +1,50 @@
+# cmdgate: `make demo` shows it working, `make test` checks everything. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install lint typecheck proto proto-check pytest clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "cmdgate needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Dependencies only when pyproject.toml changes; the package itself on every run,
+# so that new modules are linked into the (strict) editable install.
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=strict \
+	  >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	touch $@
+
+install: $(VENV)/.deps
+	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . \
+	  --config-settings editable_mode=strict >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy -p cmdgate tests
+
+# Regenerate the committed gRPC code from proto/ with the pinned grpcio-tools.
+proto: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=proto --pyi_out=proto --grpc_python_out=proto --mypy_grpc_out=proto \
+	  proto/cmdgate/v1/agent.proto
+
+proto-check: install
+	$(BIN)/pytest -q tests/test_proto_drift.py
+
+pytest: install
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+demo: install
+	@BIN=$(BIN) sh client/demo.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

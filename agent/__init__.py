@@ -1,0 +1,1 @@
+"""The cmdgate agent: verifies tokens, decides through two gates, runs templates, audits."""

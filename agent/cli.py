@@ -1,0 +1,149 @@
+"""``cmdgate-agent``: serve, check-config, init."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from cmdgate import __version__
+from cmdgate.agent.config import AgentConfig, load_config
+from cmdgate.agent.errors import ConfigError
+
+log = logging.getLogger("cmdgate.agent")
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+EXIT_USAGE = 64
+# How long calls in flight may run on after SIGTERM before they are cancelled.
+STOP_GRACE_SECONDS = 10.0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmdgate-agent",
+        description="The cmdgate agent: runs allowlisted command templates for callers "
+        "whose token permits them.",
+    )
+    parser.add_argument("--version", action="version", version=f"cmdgate-agent {__version__}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    serve = sub.add_parser("serve", help="run the agent")
+    serve.add_argument("--config", required=True, metavar="FILE", help="agent.toml")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check = sub.add_parser(
+        "check-config", help="validate a config file and print the effective allowlist"
+    )
+    check.add_argument("--config", required=True, metavar="FILE")
+    init = sub.add_parser(
+        "init",
+        help="write a working lab set-up (CA, certificates, keys, "
+        "agent.toml, a demo token) into DIR",
+    )
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument(
+        "--listen",
+        default="127.0.0.1:7443",
+        help="the agent's listen address in the written config (default: %(default)s)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.action == "serve":
+            logging.basicConfig(
+                level=args.log_level.upper(),
+                stream=sys.stderr,
+                format="%(asctime)s cmdgate-agent %(levelname)s %(message)s",
+            )
+            return _serve(load_config(args.config))
+        if args.action == "check-config":
+            return _check_config(load_config(args.config))
+        return _init(args.dir, args.listen)
+    except ConfigError as e:
+        print(f"cmdgate-agent: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _serve(config: AgentConfig) -> int:
+    from cmdgate.agent.server import start_agent
+
+    async def serve() -> None:
+        agent = await start_agent(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: calls in flight get %.0fs to finish", STOP_GRACE_SECONDS)
+        await agent.stop(STOP_GRACE_SECONDS)
+        log.info("stopped")
+
+    asyncio.run(serve())
+    return 0
+
+
+def _check_config(config: AgentConfig) -> int:
+    server = config.server
+    mode = (
+        "plaintext (loopback only)"
+        if server.insecure
+        else ("TLS, client certificates required" if server.client_ca_pem else "TLS")
+    )
+    print(f"{config.source}: OK")
+    print(f"listen   {server.listen} ({mode})")
+    print(f"issuer   {config.auth.issuer}")
+    print(f"audience {config.auth.audience}")
+    print(f"keys     {', '.join(f'{k.kid} ({k.algorithm})' for k in config.auth.keys.values())}")
+    print(f"audit    {config.audit.path}")
+    print(f"commands ({len(config.commands)}):")
+    for name in sorted(config.commands):
+        template = config.commands[name]
+        argv = " ".join([template.executable, *(str(arg) for arg in template.args)])
+        print(f"  {name}: {argv}")
+        print(
+            f"      timeout {template.timeout_seconds:g}s, "
+            f"output <= {template.max_output_bytes} bytes"
+        )
+        for spec in template.params.values():
+            print(
+                f"      {spec.name}: {spec.type.value}"
+                f"{'' if spec.required else ' (optional)'}"
+                f"{f', default {spec.default!r}' if spec.default is not None else ''}"
+            )
+    return 0
+
+
+def _init(directory: str, listen: str) -> int:
+    from pathlib import Path
+
+    from cmdgate.agent.lab import LabError, write_lab
+
+    try:
+        paths = write_lab(Path(directory), listen=listen)
+    except (LabError, ValueError) as e:
+        print(f"cmdgate-agent: init: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote a lab set-up in {paths.root}:")
+    for label, path in [
+        ("config", paths.config),
+        ("CA", paths.ca_cert),
+        ("client cert", paths.client_cert),
+        ("client key", paths.client_key),
+        ("signing key", paths.signing_key),
+        ("JWKS", paths.jwks),
+        ("demo token", paths.token),
+        ("client env", paths.client_env),
+    ]:
+        print(f"  {label:12} {path}")
+    print("next:")
+    print(f"  cmdgate-agent serve --config {paths.config}")
+    print(f"  . {paths.client_env} && cmdgate list {listen}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Load the agent's TOML configuration once, into frozen typed objects.
+
+Every fault is a ``ConfigError`` that names the file, the key path and the
+reason, e.g. ``agent.toml: commands.backup.params.path.under: must be absolute``.
+Request handling never touches TOML, files or keys: all of it is done here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import jwt
+from jwt.exceptions import PyJWKError
+
+from cmdgate.agent.errors import ConfigError, InvalidParameters
+from cmdgate.agent.templates import (
+    COMMAND_NAME_PATTERN,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_TIMEOUT_SECONDS,
+    PARAM_NAME_PATTERN,
+    ArgTemplate,
+    CommandTemplate,
+    ParamSpec,
+    ParamType,
+    parse_arg_template,
+    template_digest,
+)
+from cmdgate.shared.wire import DEFAULT_PORT, is_loopback, parse_target
+
+# Asymmetric only: with HS*, anyone holding the verification key can mint tokens.
+SUPPORTED_ALGORITHMS = frozenset(
+    {"EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+)
+MAX_LEEWAY_SECONDS = 60
+MAX_TIMEOUT_SECONDS = 24 * 3600
+_KEY_ALGORITHM_BY_CURVE = {"Ed25519": "EdDSA", "P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen_host: str
+    listen_port: int
+    insecure: bool
+    tls_cert_pem: bytes | None
+    tls_key_pem: bytes | None
+    # When set, clients must present a certificate signed by it (mTLS).
+    client_ca_pem: bytes | None
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    """A public key from the JWKS file, bound to the one algorithm it verifies."""
+
+    kid: str
+    algorithm: str
+    key: jwt.PyJWK
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    issuer: str
+    audience: str
+    algorithms: frozenset[str]
+    keys: Mapping[str, VerificationKey]
+    commands_claim: str
+    leeway_seconds: int
+    max_token_lifetime_seconds: int
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent needs, checked and parsed; safe to share across requests."""
+
+    source: Path
+    server: ServerConfig
+    auth: AuthConfig
+    audit: AuditConfig
+    commands: Mapping[str, CommandTemplate]
+
+
+class _Table:
+    """A TOML table being read: tracks its key path and refuses keys nobody asked for."""
+
+    def __init__(self, file: Path, path: str, data: Mapping[str, Any]) -> None:
+        self.file = file
+        self.path = path
+        self.data = data
+        self.seen: set[str] = set()
+
+    def fail(self, key: str | None, reason: str) -> NoReturn:
+        where = ".".join(p for p in (self.path, key) if p)
+        raise ConfigError(f"{self.file}: {where or '(top level)'}: {reason}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _MISSING:
+                self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        # bool is an int in Python; a TOML true is never a number here
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+            self.fail(key, f"must be {_kind_name(kind)}, not {type(value).__name__}")
+        return value
+
+    def string(self, key: str, default: Any = _MISSING) -> Any:
+        return self.get(key, str, default)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self.get(key, bool, default))
+
+    def integer(
+        self, key: str, default: Any = _MISSING, low: int | None = None, high: int | None = None
+    ) -> Any:
+        value = self.get(key, int, default)
+        if key in self.data:
+            if low is not None and value < low:
+                self.fail(key, f"must be at least {low}")
+            if high is not None and value > high:
+                self.fail(key, f"must be at most {high}")
+        return value
+
+    def string_list(self, key: str, default: Any = _MISSING, non_empty: bool = True) -> Any:
+        value = self.get(key, list, default)
+        if value is default:
+            return value
+        if not all(isinstance(v, str) for v in value):
+            self.fail(key, "must be a list of strings")
+        if non_empty and not value:
+            self.fail(key, "must not be empty")
+        return tuple(value)
+
+    def table(self, key: str, default: Any = _MISSING) -> _Table:
+        value = self.get(key, dict, {} if default is _MISSING else default)
+        if key not in self.data and default is _MISSING:
+            self.fail(key, "is required")
+        return _Table(self.file, f"{self.path}.{key}" if self.path else key, value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            self.fail(unknown[0], "unknown key")
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "a table",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in _kinds(kind))
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read, check and parse the agent's config file; raise ``ConfigError`` on any fault."""
+    file = Path(path)
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{file}: not valid TOML: {e}") from None
+    base = file.resolve().parent
+    top = _Table(file, "", data)
+    server = _load_server(top.table("server"), base)
+    auth = _load_auth(top.table("auth"), base)
+    audit = _load_audit(top.table("audit", default={}), base)
+    commands = _load_commands(top.table("commands", default={}))
+    top.finish()
+    return AgentConfig(file, server, auth, audit, commands)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return (base / value) if not os.path.isabs(value) else Path(value)
+
+
+def _read_file(table: _Table, key: str, base: Path) -> bytes | None:
+    value = table.string(key, None)
+    if value is None:
+        return None
+    path = _resolve(base, value)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        table.fail(key, f"cannot read {path}: {e.strerror}")
+
+
+def _load_server(table: _Table, base: Path) -> ServerConfig:
+    listen = table.string("listen", f"127.0.0.1:{DEFAULT_PORT}")
+    try:
+        target = parse_target(listen)
+    except ValueError as e:
+        table.fail("listen", str(e))
+    insecure = table.boolean("insecure", False)
+    # plaintext carries bearer tokens in the clear: loopback only
+    if insecure and not is_loopback(target.host):
+        table.fail("insecure", f"plaintext is refused on non-loopback address {target.host}")
+    cert = _read_file(table, "tls_cert", base)
+    key = _read_file(table, "tls_key", base)
+    client_ca = _read_file(table, "client_ca", base)
+    if insecure and (cert or key or client_ca):
+        table.fail("insecure", "cannot be combined with tls_cert, tls_key or client_ca")
+    if not insecure and (cert is None or key is None):
+        table.fail("tls_cert" if cert is None else "tls_key", "is required unless insecure = true")
+    table.finish()
+    return ServerConfig(target.host, target.port, insecure, cert, key, client_ca)
+
+
+def _load_auth(table: _Table, base: Path) -> AuthConfig:
+    issuer = table.string("issuer")
+    audience = table.string("audience")
+    if not issuer or not audience:
+        table.fail("issuer" if not issuer else "audience", "must not be empty")
+    algorithms = table.string_list("algorithms", ("EdDSA", "ES256"))
+    for alg in algorithms:
+        if alg not in SUPPORTED_ALGORITHMS:
+            table.fail(
+                "algorithms",
+                f"{alg!r} is not allowed; use asymmetric algorithms only: "
+                f"{', '.join(sorted(SUPPORTED_ALGORITHMS))}",
+            )
+    claim = table.string("commands_claim", "cmds")
+    if not claim:
+        table.fail("commands_claim", "must not be empty")
+    leeway = table.integer("leeway_seconds", 30, low=0, high=MAX_LEEWAY_SECONDS)
+    lifetime = table.integer("max_token_lifetime_seconds", 3600, low=1)
+    jwks_value = table.string("jwks_file")
+    keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
+    table.finish()
+    return AuthConfig(issuer, audience, frozenset(algorithms), keys, claim, leeway, lifetime)
+
+
+def _load_jwks(
+    table: _Table, path: Path, algorithms: frozenset[str]
+) -> Mapping[str, VerificationKey]:
+    try:
+        document = json.loads(path.read_bytes())
+    except OSError as e:
+        table.fail("jwks_file", f"cannot read {path}: {e.strerror}")
+    except ValueError as e:
+        table.fail("jwks_file", f"{path} is not JSON: {e}")
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        table.fail("jwks_file", f"{path} has no 'keys' list")
+    keys: dict[str, VerificationKey] = {}
+    for i, entry in enumerate(entries):
+        where = f"{path} key #{i}"
+        if not isinstance(entry, dict):
+            table.fail("jwks_file", f"{where} is not an object")
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid:
+            table.fail("jwks_file", f"{where} has no 'kid'")
+        if kid in keys:
+            table.fail("jwks_file", f"{where}: kid {kid!r} appears twice")
+        if entry.get("use", "sig") != "sig":
+            continue
+        alg = entry.get("alg") or _KEY_ALGORITHM_BY_CURVE.get(str(entry.get("crv")))
+        if alg is None:
+            table.fail("jwks_file", f"{where} (kid {kid!r}) needs an 'alg'")
+        if alg not in algorithms:
+            # one algorithm per key: a key is only ever used with its own alg
+            continue
+        try:
+            key = jwt.PyJWK(entry, algorithm=alg)
+        except PyJWKError as e:
+            table.fail("jwks_file", f"{where} (kid {kid!r}): {e}")
+        keys[kid] = VerificationKey(kid, alg, key)
+    if not keys:
+        table.fail("jwks_file", f"{path} has no signing key for algorithms {sorted(algorithms)}")
+    return MappingProxyType(keys)
+
+
+def _load_audit(table: _Table, base: Path) -> AuditConfig:
+    path = _resolve(base, table.string("path", "audit.jsonl"))
+    table.finish()
+    return AuditConfig(path)
+
+
+def _load_commands(table: _Table) -> Mapping[str, CommandTemplate]:
+    commands: dict[str, CommandTemplate] = {}
+    for name in table.data:
+        if not COMMAND_NAME_PATTERN.fullmatch(name):
+            table.fail(name, f"command name must match ^{COMMAND_NAME_PATTERN.pattern}$")
+        commands[name] = _load_template(name, table.table(name))
+    table.finish()
+    return MappingProxyType(commands)
+
+
+def _load_template(name: str, table: _Table) -> CommandTemplate:
+    description = table.string("description", "")
+    argv = table.string_list("argv")
+    executable = argv[0]
+    if "{" in executable or "}" in executable:
+        table.fail("argv", "argv[0] must be a fixed path, not a placeholder")
+    if not os.path.isabs(executable):
+        table.fail("argv", f"argv[0] {executable!r} must be an absolute path (no PATH lookup)")
+    if not os.path.isfile(executable) or not os.access(executable, os.X_OK):
+        table.fail("argv", f"argv[0] {executable!r} is not an existing executable file")
+    args: list[ArgTemplate] = []
+    for element in argv[1:]:
+        try:
+            args.append(parse_arg_template(element))
+        except ValueError as e:
+            table.fail("argv", str(e))
+    params_table = table.table("params", default={})
+    params = {p: _load_param(p, params_table.table(p)) for p in params_table.data}
+    params_table.finish()
+    used = {n for arg in args for n in arg.names}
+    for placeholder in sorted(used - set(params)):
+        table.fail("argv", f"placeholder {{{placeholder}}} has no entry in params")
+    for unused in sorted(set(params) - used):
+        params_table.fail(unused, "no placeholder in argv uses this parameter")
+    env_table = table.table("env", default={})
+    env = {k: env_table.string(k) for k in env_table.data}
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            env_table.fail(key, "environment names must be non-empty, without '=' or NUL")
+    env_table.finish()
+    cwd = table.string("cwd", "/")
+    if not os.path.isabs(cwd) or not os.path.isdir(cwd):
+        table.fail("cwd", f"{cwd!r} must be an absolute path to an existing folder")
+    timeout = float(table.get("timeout_seconds", (int, float), DEFAULT_TIMEOUT_SECONDS))
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_SECONDS):
+        table.fail("timeout_seconds", f"must be > 0 and at most {MAX_TIMEOUT_SECONDS}")
+    max_output = table.integer("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, low=1)
+    table.finish()
+    return CommandTemplate(
+        name=name,
+        description=description,
+        executable=executable,
+        args=tuple(args),
+        params=MappingProxyType(params),
+        env=MappingProxyType(env),
+        cwd=cwd,
+        timeout_seconds=timeout,
+        max_output_bytes=max_output,
+        sha256=template_digest(table.data),
+    )
+
+
+def _load_param(name: str, table: _Table) -> ParamSpec:
+    if not PARAM_NAME_PATTERN.fullmatch(name):
+        table.fail(None, f"parameter name must match ^{PARAM_NAME_PATTERN.pattern}$")
+    type_name = table.string("type")
+    try:
+        param_type = ParamType(type_name)
+    except ValueError:
+        table.fail("type", f"{type_name!r} is not one of {[t.value for t in ParamType]}")
+    default = table.string("default", None)
+    required = table.boolean("required", default is None)
+    if required and default is not None:
+        table.fail("required", "cannot be true when a default is given")
+    max_length = table.integer("max_length", DEFAULT_MAX_LENGTH, low=1, high=65536)
+    allow_dash = table.boolean("allow_leading_dash", False)
+    pattern = None
+    values: tuple[str, ...] = ()
+    low = high = None
+    under: tuple[str, ...] = ()
+    match param_type:
+        case ParamType.STRING:
+            source = table.string("pattern")
+            try:
+                pattern = re.compile(source)
+            except re.error as e:
+                table.fail("pattern", f"bad regular expression: {e}")
+        case ParamType.ENUM:
+            values = table.string_list("values")
+        case ParamType.INT:
+            low = table.integer("min", None)
+            high = table.integer("max", None)
+            if low is not None and high is not None and low > high:
+                table.fail("min", "must not be greater than max")
+            if (low is None or low < 0) and not allow_dash:
+                table.fail(
+                    "min",
+                    "negative values need allow_leading_dash = true; set min >= 0 or allow it",
+                )
+        case ParamType.PATH:
+            roots = table.string_list("under")
+            for root in roots:
+                if not os.path.isabs(root):
+                    table.fail("under", f"{root!r} must be absolute")
+            under = tuple(os.path.realpath(r) for r in roots)
+    table.finish()
+    spec = ParamSpec(
+        name,
+        param_type,
+        required,
+        default,
+        max_length,
+        allow_dash,
+        pattern,
+        values,
+        low,
+        high,
+        under,
+    )
+    if default is not None:
+        try:
+            spec.validate(default)
+        except InvalidParameters as e:
+            table.fail("default", f"is not a valid value: {e.detail}")
+    return spec

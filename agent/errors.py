@@ -1,0 +1,78 @@
+"""The agent's exception tree.
+
+Every error that ends a call knows its gRPC status and a stable UPPER_SNAKE
+reason code for the audit record. ``client_message`` is what the caller sees;
+``detail`` goes only to the audit record and the log.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AgentError(Exception):
+    """Root of the agent's errors."""
+
+
+class ConfigError(AgentError):
+    """The configuration cannot be used. The message names the file, the key and the reason."""
+
+
+class CallDenied(AgentError):
+    """A call ended before anything was spawned."""
+
+    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_message = "internal error"
+
+    def __init__(self, reason: str, detail: str, client_message: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.client_message = client_message or self.default_message
+
+
+class AuthenticationFailed(CallDenied):
+    """Gate 1. The client learns only the category; the reason goes to the audit."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+    default_message = "authentication failed"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+
+
+class NotPermitted(CallDenied):
+    """Gate 2: the token's whitelist claim and the host's allowlist."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+    default_message = "not permitted"
+
+
+class InvalidParameters(CallDenied):
+    """Gate 3: unknown, missing or invalid parameters; the message names parameter and rule."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    default_message = "invalid parameters"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail, client_message=detail)
+
+
+class AuditUnavailable(CallDenied):
+    """The audit record could not be made durable, so nothing runs (fail closed)."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    default_message = "audit log unavailable; nothing was run"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("AUDIT_UNAVAILABLE", detail)
+
+
+class SpawnFailed(CallDenied):
+    """The template was valid at load time but the process could not be started."""
+
+    status = grpc.StatusCode.INTERNAL
+    default_message = "the command could not be started"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("SPAWN_FAILED", detail)

@@ -1,0 +1,249 @@
+"""Run one rendered argv: execve with no shell, a clean environment, bounded and killable.
+
+The child starts in a new session (so it leads its own process group), with
+stdin from /dev/null, only fds 0, 1 and 2, and exactly the template's
+environment. Its output is read as it comes, in chunks of at most 64 KiB, and
+handed to the caller with backpressure: a slow client slows the command down
+instead of filling the agent's memory.
+
+Every way a run can end early — timeout, output cap, client cancel or
+disconnect, agent shutdown — goes through ``terminate()``: SIGTERM to the
+group, then SIGKILL after a short grace. When the leader exits, whatever it
+left behind in its group is killed before the leader is reaped, so the group
+id cannot have been reused by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from cmdgate.agent.errors import SpawnFailed
+from cmdgate.shared.wire import MAX_CHUNK_BYTES
+
+KILL_GRACE_SECONDS = 2.0
+# After the leader exits, how long to wait for the pipes to close. A descendant
+# that escaped the group (setsid) and keeps them open is not waited for longer.
+EOF_GRACE_SECONDS = 1.0
+# Pause reading a pipe while this many chunks wait for the client.
+_QUEUE_HIGH_WATER = 8
+
+
+class StreamName(enum.Enum):
+    STDOUT = 1
+    STDERR = 2
+
+
+class EndReason(enum.Enum):
+    EXITED = "exited"
+    TIMED_OUT = "timed_out"
+    TRUNCATED = "truncated"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended. Exactly one of ``exit_code`` and ``signal`` is set."""
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    cancelled: bool
+    truncated: bool
+    duration_ms: int
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+class ProcessRun:
+    """One spawned command. ``start()``, then iterate ``output()``, then read ``outcome``."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_seconds: float,
+        max_output_bytes: int,
+    ) -> None:
+        self.argv = tuple(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.timeout_seconds = timeout_seconds
+        self.max_output_bytes = max_output_bytes
+        self.outcome: RunOutcome | None = None
+        self._loop = asyncio.get_running_loop()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+        self._queue: asyncio.Queue[tuple[StreamName, bytes] | None] = asyncio.Queue()
+        self._open: dict[StreamName, int] = {}
+        self._paused = False
+        self._bytes = {StreamName.STDOUT: 0, StreamName.STDERR: 0}
+        self._end: EndReason | None = None
+        self._returncode: int | None = None
+        self._reaped = asyncio.Event()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._started_at = 0.0
+        self._duration_ms = 0
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self) -> None:
+        """Spawn the process; raise ``SpawnFailed`` if the kernel refuses."""
+        try:
+            # No preexec_fn: it is unsafe with threads, and gRPC has threads.
+            self._proc = subprocess.Popen(
+                self.argv,
+                executable=self.argv[0],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env,
+                cwd=self.cwd,
+                close_fds=True,
+                start_new_session=True,
+                bufsize=0,
+            )
+        except OSError as e:
+            raise SpawnFailed(f"{self.argv[0]}: {e.strerror}") from None
+        self._started_at = time.monotonic()
+        proc = self._proc
+        assert proc.stdout is not None and proc.stderr is not None
+        self._pidfd = os.pidfd_open(proc.pid)
+        self._loop.add_reader(self._pidfd, self._on_leader_exit)
+        for name, pipe in ((StreamName.STDOUT, proc.stdout), (StreamName.STDERR, proc.stderr)):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            self._open[name] = fd
+            self._loop.add_reader(fd, self._on_readable, name, fd)
+        self._timers.append(self._loop.call_later(self.timeout_seconds, self._on_timeout))
+
+    async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        """Yield ``(stream, chunk)`` as the command writes; ends when it has exited and
+        its pipes are closed. ``outcome`` is set afterwards."""
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                break
+            if self._paused and self._queue.qsize() <= 1:
+                self._resume()
+            yield item
+        await self._reaped.wait()
+        self._finish()
+
+    async def cancel(self) -> None:
+        """End the run early (client cancel, disconnect, shutdown) and wait for the reap."""
+        self.terminate(EndReason.CANCELLED)
+        await self._reaped.wait()
+        for name in list(self._open):
+            self._close_stream(name)
+        self._finish()
+
+    def terminate(self, reason: EndReason) -> None:
+        """SIGTERM the process group now and SIGKILL it after the grace; first reason wins."""
+        if self._end is None:
+            self._end = reason
+        if self._reaped.is_set() or self._proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        self._timers.append(
+            self._loop.call_later(KILL_GRACE_SECONDS, self._signal_group, signal.SIGKILL)
+        )
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # Only while the leader is unreaped: its pid, and so the group id, cannot be reused.
+        if self._proc is None or self._reaped.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def _on_timeout(self) -> None:
+        self.terminate(EndReason.TIMED_OUT)
+
+    def _on_readable(self, name: StreamName, fd: int) -> None:
+        try:
+            data = os.read(fd, MAX_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stream(name)
+            return
+        room = self.max_output_bytes - sum(self._bytes.values())
+        if len(data) > room:
+            data = data[:room]
+            self.terminate(EndReason.TRUNCATED)
+            for open_name in list(self._open):
+                self._close_stream(open_name)
+        if data:
+            self._bytes[name] += len(data)
+            self._queue.put_nowait((name, data))
+        if self._queue.qsize() >= _QUEUE_HIGH_WATER and not self._paused:
+            self._paused = True
+            for fd_open in self._open.values():
+                self._loop.remove_reader(fd_open)
+
+    def _resume(self) -> None:
+        self._paused = False
+        for name, fd in self._open.items():
+            self._loop.add_reader(fd, self._on_readable, name, fd)
+
+    def _close_stream(self, name: StreamName) -> None:
+        fd = self._open.pop(name, None)
+        if fd is None:
+            return
+        self._loop.remove_reader(fd)
+        assert self._proc is not None
+        pipe = self._proc.stdout if name is StreamName.STDOUT else self._proc.stderr
+        assert pipe is not None
+        pipe.close()
+        if not self._open:
+            self._queue.put_nowait(None)
+
+    def _on_leader_exit(self) -> None:
+        assert self._proc is not None
+        self._loop.remove_reader(self._pidfd)
+        # The leader is a zombie until waited for: kill what it left in its group first.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        self._returncode = self._proc.wait()
+        self._duration_ms = int((time.monotonic() - self._started_at) * 1000)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._reaped.set()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = [self._loop.call_later(EOF_GRACE_SECONDS, self._close_all_streams)]
+
+    def _close_all_streams(self) -> None:
+        for name in list(self._open):
+            self._close_stream(name)
+
+    def _finish(self) -> None:
+        if self.outcome is not None:
+            return
+        for timer in self._timers:
+            timer.cancel()
+        code = self._returncode
+        assert code is not None
+        self.outcome = RunOutcome(
+            exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
+            timed_out=self._end is EndReason.TIMED_OUT,
+            cancelled=self._end is EndReason.CANCELLED,
+            truncated=self._end is EndReason.TRUNCATED,
+            duration_ms=self._duration_ms,
+            stdout_bytes=self._bytes[StreamName.STDOUT],
+            stderr_bytes=self._bytes[StreamName.STDERR],
+        )

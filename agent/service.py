@@ -1,0 +1,288 @@
+"""The gRPC service: the double gate in order, then the run, with an audit record for each.
+
+1. authentication (``tokens``) → UNAUTHENTICATED;
+2. authorisation (``decision``) → PERMISSION_DENIED;
+3. parameters (``templates``) → INVALID_ARGUMENT;
+4. the audit record is made durable, and only then the process is spawned.
+
+Every failure ends the call before anything is spawned. The client learns
+the category; the reason code and the detail go to the audit record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from grpc import aio
+
+from cmdgate.agent.audit import AuditLog
+from cmdgate.agent.config import AgentConfig
+from cmdgate.agent.decision import decide, permitted_commands
+from cmdgate.agent.errors import AuditUnavailable, CallDenied, InvalidParameters
+from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
+from cmdgate.agent.templates import CommandTemplate, ParamSpec, ParamType
+from cmdgate.agent.tokens import TokenVerifier, VerifiedClaims, bearer_token, token_fingerprint
+from cmdgate.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger("cmdgate.agent")
+
+_STREAMS = {StreamName.STDOUT: agent_pb2.STREAM_STDOUT, StreamName.STDERR: agent_pb2.STREAM_STDERR}
+_PARAM_TYPES = {
+    ParamType.STRING: agent_pb2.PARAM_TYPE_STRING,
+    ParamType.ENUM: agent_pb2.PARAM_TYPE_ENUM,
+    ParamType.INT: agent_pb2.PARAM_TYPE_INT,
+    ParamType.PATH: agent_pb2.PARAM_TYPE_PATH,
+}
+MAX_REQUEST_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What a call is decided with: swapped whole on reload, captured once per call."""
+
+    config: AgentConfig
+    verifier: TokenVerifier
+
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> AgentState:
+        return cls(config, TokenVerifier(config.auth))
+
+
+class AgentService(agent_pb2_grpc.AgentServicer):
+    """Implements ``cmdgate.v1.Agent``."""
+
+    def __init__(self, state: AgentState, audit: AuditLog) -> None:
+        self.state = state
+        self.audit = audit
+
+    async def Run(
+        self, request: agent_pb2.RunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_pb2.RunEvent]:
+        state = self.state
+        record = self._base_record(context, "run", request.command, request.request_id)
+        record["params"] = dict(request.params)
+        claims: VerifiedClaims | None = None
+        try:
+            claims = self._authenticate(state, context, record)
+            decision = decide(
+                claims.claims,
+                request.command,
+                state.config.commands,
+                state.config.auth.commands_claim,
+            )
+            if decision.denial is not None:
+                raise decision.denial
+            template = decision.template
+            assert template is not None
+            record["template_sha256"] = template.sha256
+            argv = template.render(request.params)
+            timeout = _effective_timeout(request.timeout_seconds, template)
+        except CallDenied as denial:
+            await self._deny(context, record, denial)
+        record["argv"] = list(argv)
+        try:
+            await self.audit.write("run.started", {"decision": "allowed", "reason": "OK", **record})
+        except OSError as e:
+            # fail closed: a run the audit cannot record does not happen
+            log.error("refusing run %s: audit unavailable: %s", record["run_id"], e)
+            await context.abort(AuditUnavailable.status, AuditUnavailable.default_message)
+        run = ProcessRun(
+            argv, template.child_env(), template.cwd, timeout, template.max_output_bytes
+        )
+        try:
+            run.start()
+        except CallDenied as failure:
+            await self._write_finished(record, None, failure.reason)
+            log.error("run %s: %s", record["run_id"], failure.detail)
+            await context.abort(failure.status, failure.client_message)
+        log.info(
+            "run %s: %s started %s pid %d", record["run_id"], record["sub"], template.name, run.pid
+        )
+        completed = False
+        try:
+            yield agent_pb2.RunEvent(
+                started=agent_pb2.Started(
+                    run_id=record["run_id"],
+                    timeout_seconds=timeout,
+                    max_output_bytes=template.max_output_bytes,
+                )
+            )
+            async for stream, data in run.output():
+                yield agent_pb2.RunEvent(
+                    output=agent_pb2.Output(stream=_STREAMS[stream], data=data)
+                )
+            completed = True
+        finally:
+            if not completed:
+                await run.cancel()
+            await self._write_finished(record, run.outcome, "OK")
+        assert run.outcome is not None
+        yield agent_pb2.RunEvent(exited=_exited_event(run.outcome))
+
+    async def ListCommands(
+        self, request: agent_pb2.ListCommandsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.ListCommandsResponse:
+        state = self.state
+        record = self._base_record(context, "list", "", "")
+        try:
+            claims = self._authenticate(state, context, record)
+            templates = permitted_commands(
+                claims.claims, state.config.commands, state.config.auth.commands_claim
+            )
+        except CallDenied as denial:
+            await self._deny(context, record, denial)
+        record["commands"] = [t.name for t in templates]
+        try:
+            await self.audit.write("list", {"decision": "allowed", "reason": "OK", **record})
+        except OSError as e:
+            log.error("list refused: audit unavailable: %s", e)
+            await context.abort(AuditUnavailable.status, AuditUnavailable.default_message)
+        return agent_pb2.ListCommandsResponse(commands=[_command_info(t) for t in templates])
+
+    def _base_record(
+        self, context: aio.ServicerContext[Any, Any], kind: str, command: str, request_id: str
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "run_id": uuid.uuid4().hex if kind == "run" else None,
+            "request_id": request_id[:MAX_REQUEST_ID_LENGTH] or None,
+            "sub": None,
+            "iss": None,
+            "jti": None,
+            "peer": context.peer(),
+            "command": command,
+        }
+        cert = _peer_certificate_sha256(context)
+        if cert is not None:
+            record["peer_cert_sha256"] = cert
+        return record
+
+    def _authenticate(
+        self, state: AgentState, context: aio.ServicerContext[Any, Any], record: dict[str, Any]
+    ) -> VerifiedClaims:
+        token = bearer_token(context.invocation_metadata())
+        # a token that fails verification is never trusted: only its hash is recorded
+        record["token_sha256"] = token_fingerprint(token)
+        claims = state.verifier.verify(token)
+        del record["token_sha256"]
+        record.update(sub=claims.subject, iss=claims.issuer, jti=claims.jti)
+        for optional in ("azp", "client_id"):
+            if isinstance(claims.claims.get(optional), str):
+                record[optional] = claims.claims[optional]
+        return claims
+
+    async def _deny(
+        self, context: aio.ServicerContext[Any, Any], record: dict[str, Any], denial: CallDenied
+    ) -> NoReturn:
+        kind = "run.denied" if record["run_id"] is not None else "list"
+        try:
+            await self.audit.write(
+                kind,
+                {
+                    "decision": "denied",
+                    "reason": denial.reason,
+                    "grpc_code": denial.status.name,
+                    "detail": denial.detail,
+                    **record,
+                },
+            )
+        except OSError as e:
+            log.error("audit of a denial failed (%s): %s", denial.reason, e)
+        log.info(
+            "denied %s %r from %s: %s",
+            record["sub"],
+            record["command"][:64],
+            record["peer"],
+            denial,
+        )
+        await context.abort(denial.status, denial.client_message)
+
+    async def _write_finished(
+        self, record: dict[str, Any], outcome: RunOutcome | None, reason: str
+    ) -> None:
+        finished: dict[str, Any] = {"decision": "allowed", "reason": reason, **record}
+        if outcome is not None:
+            finished.update(
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                timed_out=outcome.timed_out,
+                cancelled=outcome.cancelled,
+                truncated=outcome.truncated,
+                duration_ms=outcome.duration_ms,
+                stdout_bytes=outcome.stdout_bytes,
+                stderr_bytes=outcome.stderr_bytes,
+            )
+        try:
+            await self.audit.write("run.finished", finished)
+        except OSError as e:
+            log.error("audit of run %s's end failed: %s", record["run_id"], e)
+
+
+def _effective_timeout(requested: float, template: CommandTemplate) -> float:
+    if not math.isfinite(requested) or requested < 0:
+        raise InvalidParameters("TIMEOUT_INVALID", "timeout_seconds must be a positive number")
+    # a client may shorten the template's timeout, never lengthen it
+    return min(requested, template.timeout_seconds) if requested else template.timeout_seconds
+
+
+def _peer_certificate_sha256(context: aio.ServicerContext[Any, Any]) -> str | None:
+    auth = context.auth_context()
+    pem = next(iter(auth.get("x509_pem_cert", ())), None)
+    if pem is None:
+        return None
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _exited_event(outcome: RunOutcome) -> agent_pb2.Exited:
+    exited = agent_pb2.Exited(
+        timed_out=outcome.timed_out,
+        cancelled=outcome.cancelled,
+        truncated=outcome.truncated,
+        duration_ms=outcome.duration_ms,
+        stdout_bytes=outcome.stdout_bytes,
+        stderr_bytes=outcome.stderr_bytes,
+    )
+    if outcome.signal is not None:
+        exited.signal = outcome.signal
+    else:
+        assert outcome.exit_code is not None
+        exited.exit_code = outcome.exit_code
+    return exited
+
+
+def _param_info(spec: ParamSpec) -> agent_pb2.ParamInfo:
+    info = agent_pb2.ParamInfo(
+        name=spec.name,
+        type=_PARAM_TYPES[spec.type],
+        required=spec.required,
+        max_length=spec.max_length,
+        allow_leading_dash=spec.allow_leading_dash,
+        pattern=spec.pattern.pattern if spec.pattern is not None else "",
+        values=spec.values,
+        under=spec.under,
+    )
+    if spec.default is not None:
+        info.default = spec.default
+    if spec.min is not None:
+        info.min = spec.min
+    if spec.max is not None:
+        info.max = spec.max
+    return info
+
+
+def _command_info(template: CommandTemplate) -> agent_pb2.CommandInfo:
+    return agent_pb2.CommandInfo(
+        name=template.name,
+        description=template.description,
+        params=[_param_info(p) for p in template.params.values()],
+        timeout_seconds=template.timeout_seconds,
+        max_output_bytes=template.max_output_bytes,
+    )

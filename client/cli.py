@@ -1,0 +1,455 @@
+"""``cmdgate``: run commands on one agent or many, list them, make keys and lab tokens.
+
+Exit codes (one place maps outcomes to them: ``exit_code_for``):
+the remote exit code; 124 timed out; 128+N killed by signal N; 77 not
+authenticated or not permitted; 64 usage or invalid parameters; 255 the agent
+cannot be reached or is unavailable; with several targets, 0 if all succeeded
+and 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from cmdgate.client.api import Client, ClientError, Exited, RunEvent
+
+EXIT_TIMED_OUT = 124
+EXIT_SIGNAL_BASE = 128
+EXIT_DENIED = 77  # EX_NOPERM
+EXIT_USAGE = 64  # EX_USAGE
+EXIT_UNREACHABLE = 255
+EXIT_INTERRUPTED = 130
+# gRPC status name → exit code; any other status is EXIT_UNREACHABLE.
+_STATUS_EXIT_CODES = {
+    "UNAUTHENTICATED": EXIT_DENIED,
+    "PERMISSION_DENIED": EXIT_DENIED,
+    "INVALID_ARGUMENT": EXIT_USAGE,
+}
+
+
+class UsageError(Exception):
+    """Bad command line or local input: exit 64."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"cmdgate: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=env("CMDGATE_TOKEN_FILE"),
+        help="file holding the token, '-' for stdin (env CMDGATE_TOKEN_FILE; "
+        "or CMDGATE_TOKEN holds the token itself)",
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=env("CMDGATE_CA"),
+        help="CA certificate that signed the agent's (env CMDGATE_CA; default: the system's roots)",
+    )
+    parser.add_argument(
+        "--cert",
+        metavar="FILE",
+        default=env("CMDGATE_CERT"),
+        help="client certificate for mTLS (env CMDGATE_CERT)",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        default=env("CMDGATE_KEY"),
+        help="client key for mTLS (env CMDGATE_KEY)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, for a loopback agent with insecure = true",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from cmdgate import __version__
+
+    parser = _Parser(prog="cmdgate", description="Run approved commands on cmdgate agents.")
+    parser.add_argument("--version", action="version", version=f"cmdgate {__version__}")
+    sub = parser.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    run = sub.add_parser(
+        "run",
+        help="run a command on one or more agents",
+        description="Run COMMAND on TARGET (host[:port], or several "
+        "separated by commas) with NAME=VALUE parameters.",
+    )
+    run.add_argument("target", metavar="TARGET")
+    run.add_argument("command", metavar="COMMAND")
+    run.add_argument("params", metavar="NAME=VALUE", nargs="*")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="shorter than the template's timeout (never longer)",
+    )
+    run.add_argument(
+        "--raw", action="store_true", help="on a terminal, print control characters unescaped"
+    )
+    _add_connection_options(run)
+    listing = sub.add_parser("list", help="show what the token may run on TARGET")
+    listing.add_argument("target", metavar="TARGET")
+    _add_connection_options(listing)
+    keygen = sub.add_parser("keygen", help="make a signing key and a jwks.json")
+    keygen.add_argument("--out", required=True, metavar="DIR")
+    keygen.add_argument("--alg", default="EdDSA", choices=["EdDSA", "ES256"])
+    keygen.add_argument("--kid", help="key id (default: the key's RFC 7638 thumbprint)")
+    token = sub.add_parser("token", help="lab token issuer")
+    token_sub = token.add_subparsers(
+        dest="token_action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    mint = token_sub.add_parser("mint", help="print a signed token with a random jti")
+    mint.add_argument("--key", required=True, metavar="FILE", help="private key PEM")
+    mint.add_argument("--kid", required=True)
+    mint.add_argument("--iss", required=True, help="issuer, exactly as the agent expects it")
+    mint.add_argument("--aud", required=True, help="audience")
+    mint.add_argument("--sub", required=True, help="subject: who the token is for")
+    mint.add_argument("--cmds", required=True, help="commands it may run: a,b,c")
+    mint.add_argument("--ttl", default="15m", help="lifetime, e.g. 90s, 15m, 1h (default 15m)")
+    mint.add_argument("--claim", default="cmds", help="name of the whitelist claim")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.action == "run":
+            return _run(args)
+        if args.action == "list":
+            return _list(args)
+        if args.action == "keygen":
+            return _keygen(args)
+        return _mint(args)
+    except UsageError as e:
+        print(f"cmdgate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def exit_code_for(outcome: Exited | ClientError) -> int:
+    """The process exit code for one target's outcome."""
+    from cmdgate.client.api import ClientError
+
+    if isinstance(outcome, ClientError):
+        return _STATUS_EXIT_CODES.get(outcome.code, EXIT_UNREACHABLE)
+    if outcome.timed_out:
+        return EXIT_TIMED_OUT
+    if outcome.signal is not None:
+        return EXIT_SIGNAL_BASE + outcome.signal
+    assert outcome.exit_code is not None
+    return outcome.exit_code
+
+
+def _read_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            path = args.token_file
+            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read token file {args.token_file}: {e}") from None
+    else:
+        text = os.environ.get("CMDGATE_TOKEN", "")
+    token = text.strip()
+    if not token:
+        raise UsageError(
+            "no token: give --token-file FILE, or set CMDGATE_TOKEN_FILE or CMDGATE_TOKEN"
+        )
+    return token
+
+
+def _client(args: argparse.Namespace, target: str, token: str) -> Client:
+    from cmdgate.client.api import Client
+
+    try:
+        return Client(
+            target, token=token, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure
+        )
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{target}: {e}") from None
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"parameter {pair!r} is not NAME=VALUE")
+        if name in params:
+            raise UsageError(f"parameter {name!r} is given twice")
+        params[name] = value
+    return params
+
+
+class _Printer:
+    """Writes one target's events: exact bytes, escaped on a terminal, or JSON lines."""
+
+    def __init__(
+        self, host: str, as_json: bool, raw: bool, prefix: bool, lock: threading.Lock
+    ) -> None:
+        from cmdgate.client.terminal import TerminalEscaper
+
+        self.host = host
+        self.as_json = as_json
+        self.prefix = prefix
+        self.lock = lock
+        self._escapers = {
+            name: TerminalEscaper() if stream.isatty() and not raw else None
+            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr))
+        }
+        self._partial = {"stdout": b"", "stderr": b""}
+
+    def event(self, event: RunEvent) -> None:
+        from cmdgate.client.api import Output
+
+        if self.as_json:
+            self._json(event)
+        elif isinstance(event, Output):
+            self._output(event.stream, event.data)
+
+    def finish(self) -> None:
+        if self.as_json:
+            return
+        for stream, rest in self._partial.items():
+            if rest:
+                self._write(stream, rest + b"\n", final=True)
+                self._partial[stream] = b""
+
+    def _json(self, event: RunEvent) -> None:
+        from cmdgate.client.api import Exited, Output, Started
+
+        record: dict[str, Any] = {"host": self.host}
+        if isinstance(event, Started):
+            record.update(event="started", **asdict(event))
+        elif isinstance(event, Output):
+            record.update(
+                event="output", stream=event.stream, data=base64.b64encode(event.data).decode()
+            )
+        elif isinstance(event, Exited):
+            record.update(event="exited", **asdict(event))
+        self.json_line(record)
+
+    def json_line(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
+    def _output(self, stream: str, data: bytes) -> None:
+        if not self.prefix:
+            self._write(stream, data)
+            return
+        # several targets: whole lines only, each prefixed with its host
+        data = self._partial[stream] + data
+        head, newline, tail = data.rpartition(b"\n")
+        self._partial[stream] = tail
+        if newline:
+            self._write(stream, head + b"\n")
+
+    def _write(self, stream: str, data: bytes, final: bool = False) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        escaper = self._escapers[stream]
+        with self.lock:
+            if self.prefix:
+                prefix = f"{self.host}: ".encode()
+                data = b"".join(prefix + line for line in data.splitlines(keepends=True))
+            if escaper is None:
+                out.buffer.write(data)
+                out.buffer.flush()
+            else:
+                out.write(escaper.feed(data, final))
+                out.flush()
+
+
+def _error_line(host: str, error: ClientError) -> None:
+    print(f"cmdgate: {host}: {error.code}: {error.message}", file=sys.stderr, flush=True)
+
+
+def _run_one(
+    client: Client, args: argparse.Namespace, params: dict[str, str], printer: _Printer
+) -> Exited | ClientError:
+    from cmdgate.client.api import ClientError, Exited
+
+    try:
+        for event in client.stream(args.command, params, timeout=args.timeout):
+            printer.event(event)
+            if isinstance(event, Exited):
+                printer.finish()
+                return event
+    except ClientError as e:
+        printer.finish()
+        if args.json:
+            printer.json_line(
+                {"host": printer.host, "event": "error", "code": e.code, "message": e.message}
+            )
+        _error_line(printer.host, e)
+        return e
+    error = ClientError(printer.host, "INTERNAL", "the stream ended without an exit event")
+    _error_line(printer.host, error)
+    return error
+
+
+def _describe(outcome: Exited) -> str:
+    how = f"signal {outcome.signal}" if outcome.signal is not None else f"exit {outcome.exit_code}"
+    notes = [
+        n
+        for n, on in (
+            ("timed out", outcome.timed_out),
+            ("output truncated", outcome.truncated),
+            ("cancelled", outcome.cancelled),
+        )
+        if on
+    ]
+    return ", ".join([how, *notes]) + f" ({outcome.duration_ms / 1000:.2f}s)"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cmdgate.client.api import Exited
+
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+    params = _parse_params(args.params)
+    targets = [t.strip() for t in args.target.split(",")]
+    if not all(targets):
+        raise UsageError(f"empty name in target list {args.target!r}")
+    if len(set(targets)) != len(targets):
+        raise UsageError(f"a target is named twice in {args.target!r}")
+    token = _read_token(args)
+    clients = [_client(args, target, token) for target in targets]
+    lock = threading.Lock()
+    several = len(targets) > 1
+    printers = [_Printer(t, args.json, args.raw, several, lock) for t in targets]
+    try:
+        if not several:
+            outcome = _run_one(clients[0], args, params, printers[0])
+            if isinstance(outcome, Exited) and (
+                outcome.timed_out or outcome.truncated or outcome.signal is not None
+            ):
+                print(f"cmdgate: {targets[0]}: {_describe(outcome)}", file=sys.stderr)
+            return exit_code_for(outcome)
+        with ThreadPoolExecutor(max_workers=min(64, len(targets))) as pool:
+            outcomes = list(
+                pool.map(
+                    lambda i: _run_one(clients[i], args, params, printers[i]), range(len(targets))
+                )
+            )
+    finally:
+        for client in clients:
+            client.close()
+    width = max(len(t) for t in targets)
+    for target, result in zip(targets, outcomes, strict=True):
+        summary = _describe(result) if isinstance(result, Exited) else result.code
+        print(f"cmdgate: {target:<{width}}  {summary}", file=sys.stderr)
+    ok = all(isinstance(o, Exited) and exit_code_for(o) == 0 for o in outcomes)
+    return 0 if ok else 1
+
+
+def _list(args: argparse.Namespace) -> int:
+    from cmdgate.client.api import ClientError
+
+    token = _read_token(args)
+    client = _client(args, args.target, token)
+    try:
+        commands = client.list_commands()
+    except ClientError as e:
+        _error_line(args.target, e)
+        return exit_code_for(e)
+    finally:
+        client.close()
+    if args.json:
+        print(
+            json.dumps({"target": args.target, "commands": [asdict(c) for c in commands]}, indent=2)
+        )
+        return 0
+    if not commands:
+        print(f"{args.target}: this token may run nothing here")
+    for command in commands:
+        print(f"{command.name}  {command.description}".rstrip())
+        print(
+            f"    timeout {command.timeout_seconds:g}s, output up to "
+            f"{command.max_output_bytes} bytes"
+        )
+        for p in command.params:
+            rule = {
+                "string": f"matching {p.pattern!r}",
+                "enum": f"one of {', '.join(p.values)}",
+                "int": f"from {p.min} to {p.max}",
+                "path": f"under {', '.join(p.under)}",
+            }.get(p.type, "")
+            need = (
+                "required"
+                if p.required
+                else (f"default {p.default!r}" if p.default is not None else "optional")
+            )
+            print(f"    {p.name}={p.type.upper()}  {rule}; {need}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from cmdgate.shared.keys import KeyFileError, keygen
+
+    try:
+        key_path, jwks_path, kid = keygen(Path(args.out), args.alg, args.kid)
+    except (KeyFileError, ValueError, OSError) as e:
+        print(f"cmdgate: keygen: {e}", file=sys.stderr)
+        return 1
+    print(f"private key  {key_path}  (keep it secret)")
+    print(f"public JWKS  {jwks_path}  (give it to the agents: [auth] jwks_file)")
+    print(f"kid          {kid}")
+    return 0
+
+
+def _mint(args: argparse.Namespace) -> int:
+    from cmdgate.shared.keys import KeyFileError, load_private_key, mint_token, parse_duration
+
+    commands = [c.strip() for c in args.cmds.split(",")]
+    if not all(commands):
+        raise UsageError(f"--cmds {args.cmds!r} has an empty name")
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        key = load_private_key(Path(args.key))
+    except KeyFileError as e:
+        print(f"cmdgate: token mint: {e}", file=sys.stderr)
+        return 1
+    token = mint_token(
+        key,
+        kid=args.kid,
+        issuer=args.iss,
+        audience=args.aud,
+        subject=args.sub,
+        commands=commands,
+        ttl_seconds=ttl,
+        commands_claim=args.claim,
+    )
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
