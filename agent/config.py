@@ -217,7 +217,7 @@ def _read_file(table: _Table, key: str, base: Path) -> bytes | None:
 def _load_server(table: _Table, base: Path) -> ServerConfig:
     listen = table.string("listen", f"127.0.0.1:{DEFAULT_PORT}")
     try:
-        target = parse_target(listen)
+        target = parse_target(listen, any_port=True)
     except ValueError as e:
         table.fail("listen", str(e))
     insecure = table.boolean("insecure", False)

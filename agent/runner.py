@@ -181,14 +181,17 @@ class ProcessRun:
             self._close_stream(name)
             return
         room = self.max_output_bytes - sum(self._bytes.values())
-        if len(data) > room:
+        over_cap = len(data) > room
+        if over_cap:
             data = data[:room]
-            self.terminate(EndReason.TRUNCATED)
-            for open_name in list(self._open):
-                self._close_stream(open_name)
         if data:
             self._bytes[name] += len(data)
             self._queue.put_nowait((name, data))
+        if over_cap:
+            # what is kept is queued first: closing the last stream queues the end
+            self.terminate(EndReason.TRUNCATED)
+            self._close_all_streams()
+            return
         if self._queue.qsize() >= _QUEUE_HIGH_WATER and not self._paused:
             self._paused = True
             for fd_open in self._open.values():

@@ -23,8 +23,11 @@ class Target:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_target(text: str, default_port: int = DEFAULT_PORT) -> Target:
-    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; raise ValueError if malformed."""
+def parse_target(text: str, default_port: int = DEFAULT_PORT, any_port: bool = False) -> Target:
+    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; raise ValueError if malformed.
+
+    ``any_port`` admits port 0, which asks the kernel for a free port when listening.
+    """
     text = text.strip()
     if not text:
         raise ValueError("empty target")
@@ -46,7 +49,8 @@ def parse_target(text: str, default_port: int = DEFAULT_PORT) -> Target:
         raise ValueError(f"target {text!r} has no host")
     if port_text == "":
         return Target(host, default_port)
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+    lowest = 0 if any_port else 1
+    if not (port_text.isascii() and port_text.isdigit()) or not lowest <= int(port_text) < 65536:
         raise ValueError(f"bad port {port_text!r} in target {text!r}")
     return Target(host, int(port_text))
 
