@@ -82,7 +82,11 @@ class ParamSpec:
     def _validate_int(self, value: str) -> str:
         if _INT_PATTERN.fullmatch(value) is None:
             raise self._invalid("must be ASCII digits with an optional leading '-'")
-        number = int(value)
+        try:
+            number = int(value)
+        except ValueError:
+            # more digits than int() converts (sys.get_int_max_str_digits)
+            raise self._invalid("has too many digits") from None
         if self.min is not None and number < self.min:
             raise self._invalid(f"must be >= {self.min}")
         if self.max is not None and number > self.max:
@@ -201,7 +205,8 @@ class CommandTemplate:
         """
         unknown = sorted(set(request_params) - set(self.params))
         if unknown:
-            raise InvalidParameters("PARAM_UNKNOWN", f"unknown parameter(s): {', '.join(unknown)}")
+            names = ", ".join(repr(name[:64]) for name in unknown[:8])
+            raise InvalidParameters("PARAM_UNKNOWN", f"unknown parameter(s): {names}")
         values: dict[str, str] = {}
         for name, spec in self.params.items():
             if name in request_params:

@@ -58,9 +58,10 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     if isinstance(value, bytes):
         raise AuthenticationFailed("TOKEN_MALFORMED", "binary authorization metadata")
     scheme, _, token = value.partition(" ")
+    token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("TOKEN_MALFORMED", "authorization is not 'Bearer <token>'")
-    return token.strip()
+    return token
 
 
 class TokenVerifier:
@@ -156,8 +157,10 @@ def _numeric_claim(payload: dict[str, Any], name: str, required: bool) -> float 
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AuthenticationFailed("TOKEN_MALFORMED", f"{name} is not a number")
+    # a 400-digit integer would overflow float(); NaN would slip past every comparison
+    if isinstance(value, int) and not -(2**53) < value < 2**53:
+        raise AuthenticationFailed("TOKEN_MALFORMED", f"{name} is out of range")
     if not math.isfinite(value):
-        # NaN compares false to everything and would slip past every time check
         raise AuthenticationFailed("TOKEN_MALFORMED", f"{name} is not finite")
     return float(value)
 

@@ -7,8 +7,9 @@ raise typed exceptions; a command's non-zero exit is a result, not an error
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +24,8 @@ from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 # outlast it by enough to carry the final event back.
 _DEADLINE_SLACK_SECONDS = 30.0
 _LIST_DEADLINE_SECONDS = 30.0
+# The longest timeout a template may have.
+MAX_TIMEOUT_SECONDS = 24 * 3600
 
 StreamLabel = Literal["stdout", "stderr"]
 _STREAM_LABELS: dict[int, StreamLabel] = {
@@ -233,12 +236,12 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str = "",
-    ) -> Iterator[RunEvent]:
+    ) -> Generator[RunEvent, None, None]:
         """Yield the run's events as they arrive: ``Started``, ``Output``..., ``Exited``.
 
         Closing the iterator early cancels the call, and the agent kills the command.
         """
-        if timeout is not None and not timeout > 0:
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ValueError("timeout must be a positive number of seconds")
         request = agent_pb2.RunRequest(
             command=command,
@@ -246,7 +249,10 @@ class Client:
             timeout_seconds=timeout or 0.0,
             request_id=request_id,
         )
-        deadline = None if timeout is None else timeout + _DEADLINE_SLACK_SECONDS
+        # the agent lowers a timeout to the template's; the deadline need not be longer
+        deadline = (
+            None if timeout is None else min(timeout, MAX_TIMEOUT_SECONDS) + _DEADLINE_SLACK_SECONDS
+        )
         call = self._stub.Run(request, metadata=self._metadata, timeout=deadline)
         try:
             for event in call:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 import threading
@@ -285,7 +286,11 @@ class _Printer:
 
 
 def _error_line(host: str, error: ClientError) -> None:
-    print(f"cmdgate: {host}: {error.code}: {error.message}", file=sys.stderr, flush=True)
+    from cmdgate.client.terminal import escape_controls
+
+    # the agent's message is remote text too: keep it to one line, with no escapes
+    line = f"cmdgate: {host}: {error.code}: {escape_controls(error.message)}"
+    print(line, file=sys.stderr, flush=True)
 
 
 def _run_one(
@@ -329,7 +334,7 @@ def _describe(outcome: Exited) -> str:
 def _run(args: argparse.Namespace) -> int:
     from cmdgate.client.api import Exited
 
-    if args.timeout is not None and not args.timeout > 0:
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError("--timeout must be a positive number of seconds")
     params = _parse_params(args.params)
     targets = [t.strip() for t in args.target.split(",")]

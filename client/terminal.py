@@ -14,10 +14,16 @@ import re
 
 # C0 (but \t and \n), DEL, and C1: 8-bit CSI (\x9b) drives some terminals too.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def _escape_char(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character but tab shown as ``\\xNN`` (newlines too)."""
+    return _CONTROL_OR_NEWLINE.sub(_escape_char, text)
 
 
 class TerminalEscaper:

@@ -141,6 +141,13 @@ def add_to_jwks(jwks_path: Path, jwk: dict[str, Any]) -> None:
     os.replace(tmp, jwks_path)
 
 
+def _remove_from_jwks(jwks_path: Path, kid: str) -> None:
+    keys = [k for k in json.loads(jwks_path.read_text())["keys"] if k.get("kid") != kid]
+    tmp = jwks_path.with_name(f".{jwks_path.name}.{secrets.token_hex(8)}.tmp")
+    write_new_file(tmp, (json.dumps({"keys": keys}, indent=2) + "\n").encode(), mode=0o644)
+    os.replace(tmp, jwks_path)
+
+
 def keygen(out_dir: Path, alg: str = "EdDSA", kid: str | None = None) -> tuple[Path, Path, str]:
     """Make a key pair in ``out_dir``: ``<kid>.pem`` (0600) and the public key in ``jwks.json``.
 
@@ -150,11 +157,16 @@ def keygen(out_dir: Path, alg: str = "EdDSA", kid: str | None = None) -> tuple[P
         raise ValueError(f"kid {kid!r} must match {KID_PATTERN.pattern}")
     key = generate_signing_key(alg)
     jwk = public_jwk(key, kid)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path = out_dir / f"{jwk['kid']}.pem"
     jwks_path = out_dir / "jwks.json"
-    write_private_key(key, key_path)
+    # publish first: a private key whose public half is not published is of no use
     add_to_jwks(jwks_path, jwk)
+    try:
+        write_private_key(key, key_path)
+    except KeyFileError:
+        _remove_from_jwks(jwks_path, jwk["kid"])
+        raise
     return key_path, jwks_path, str(jwk["kid"])
 
 

@@ -1,0 +1,366 @@
+"""Every gate failure, through a real agent: the status, that nothing ran, and the audit reason.
+
+Each case asks the agent to ``touch`` a marker file; a denial must leave no marker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from cmdgate.client import Client, InvalidParameters, NotAuthenticated, NotPermitted
+from cmdgate.client.api import ClientError
+from cmdgate.v1 import agent_pb2, agent_pb2_grpc
+from tests.support import ES_KID, KID, Agent, good_claims, sign, start_test_agent
+
+_marker_count = 0
+
+
+def _new_marker(agent: Agent) -> Path:
+    global _marker_count
+    _marker_count += 1
+    return agent.marker(f"denied-{_marker_count}")
+
+
+def assert_denied(
+    agent: Agent,
+    token: str,
+    error: type[ClientError],
+    reason: str,
+    command: str = "touch",
+    params: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run ``command`` with ``token``; assert the error, no marker, and the audit reason."""
+    marker = _new_marker(agent)
+    with agent.client(token) as client, pytest.raises(error):
+        client.run(command, {"file": str(marker)} if params is None else params)
+    assert not marker.exists(), "a denied call ran its command"
+    record = agent.last_audit()
+    assert record["event"] == "run.denied"
+    assert record["decision"] == "denied"
+    assert record["reason"] == reason, record
+    return record
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _resign(agent: Agent, header: str, payload: str) -> str:
+    """Sign raw header and payload JSON text with the test EdDSA key."""
+    signing_input = f"{_b64(header.encode())}.{_b64(payload.encode())}".encode()
+    signature = agent.keys.ed25519.sign(signing_input)  # type: ignore[call-arg]
+    return f"{signing_input.decode()}.{_b64(signature)}"
+
+
+# ---- gate 1: authentication → UNAUTHENTICATED ----------------------------------------------
+
+
+def test_valid_token_runs(agent: Agent) -> None:
+    marker = _new_marker(agent)
+    with agent.client() as client:
+        assert client.run("touch", {"file": str(marker)}).exit_code == 0
+    assert marker.exists()
+    assert agent.last_audit("run.finished")["sub"] == "alice"
+
+
+def _raw_run(agent: Agent, metadata: tuple[tuple[str, str], ...], marker: Path) -> grpc.RpcError:
+    credentials = grpc.ssl_channel_credentials(
+        agent.lab.ca_cert.read_bytes(),
+        agent.lab.client_key.read_bytes(),
+        agent.lab.client_cert.read_bytes(),
+    )
+    with grpc.secure_channel(agent.target, credentials) as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        request = agent_pb2.RunRequest(command="touch", params={"file": str(marker)})
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Run(request, metadata=metadata, timeout=10))
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("none", "TOKEN_MISSING"), ("two", "TOKEN_AMBIGUOUS"), ("basic", "TOKEN_MALFORMED")],
+)
+def test_authorization_metadata_must_be_exactly_one_bearer(
+    agent: Agent, case: str, reason: str
+) -> None:
+    token = agent.token()
+    metadata = {
+        "none": (),
+        "two": (("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}")),
+        "basic": (("authorization", "Basic YWxpY2U6c2VjcmV0"),),
+    }[case]
+    marker = _new_marker(agent)
+    error = _raw_run(agent, metadata, marker)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not marker.exists()
+    record = agent.last_audit()
+    assert (record["event"], record["reason"]) == ("run.denied", reason)
+
+
+def _claims_case(agent: Agent, **overrides: Any) -> str:
+    return sign(good_claims(**overrides), agent.keys.ed25519)
+
+
+NOW = int(time.time())
+TOKEN_CASES: dict[str, tuple[Callable[[Agent], str], str]] = {
+    "garbage": (lambda a: "not-a-jwt", "TOKEN_MALFORMED"),
+    "four segments": (lambda a: a.token() + ".x", "TOKEN_MALFORMED"),
+    "oversize": (lambda a: _claims_case(a, pad="x" * 9000), "TOKEN_TOO_LARGE"),
+    "expired": (lambda a: _claims_case(a, iat=NOW - 600, exp=NOW - 120), "TOKEN_EXPIRED"),
+    "no exp": (lambda a: _claims_case(a, exp=None), "TOKEN_CLAIM_MISSING"),
+    "nbf in future": (lambda a: _claims_case(a, nbf=NOW + 600), "TOKEN_NOT_YET_VALID"),
+    "iat in future": (
+        lambda a: _claims_case(a, iat=NOW + 600, exp=NOW + 900),
+        "TOKEN_ISSUED_IN_FUTURE",
+    ),
+    "lifetime too long": (lambda a: _claims_case(a, exp=NOW + 7200), "TOKEN_LIFETIME_TOO_LONG"),
+    "iss prefix": (
+        lambda a: _claims_case(a, iss="https://cmdgate.test.evil"),
+        "TOKEN_ISSUER_MISMATCH",
+    ),
+    "iss substring": (
+        lambda a: _claims_case(a, iss="https://cmdgate.tes"),
+        "TOKEN_ISSUER_MISMATCH",
+    ),
+    "iss list": (
+        lambda a: _resign(
+            a,
+            json.dumps({"alg": "EdDSA", "kid": KID}),
+            json.dumps(good_claims(iss=["https://cmdgate.test"])),
+        ),
+        "TOKEN_ISSUER_MISMATCH",
+    ),
+    "aud other": (lambda a: _claims_case(a, aud="other"), "TOKEN_AUDIENCE_MISMATCH"),
+    "aud list without ours": (
+        lambda a: _claims_case(a, aud=["a", "cmdgate-test2"]),
+        "TOKEN_AUDIENCE_MISMATCH",
+    ),
+    "no sub": (lambda a: _claims_case(a, sub=None), "TOKEN_SUBJECT_MISSING"),
+    "unknown kid": (
+        lambda a: sign(good_claims(), a.keys.ed25519, {"kid": "nope"}),
+        "TOKEN_KID_UNKNOWN",
+    ),
+    "kid of the other algorithm": (
+        lambda a: sign(good_claims(), a.keys.ed25519, {"kid": ES_KID}),
+        "TOKEN_ALG_NOT_ALLOWED",
+    ),
+    "bad signature": (
+        lambda a: a.token()[:-4] + ("AAAA" if not a.token().endswith("AAAA") else "BBBB"),
+        "TOKEN_SIGNATURE_INVALID",
+    ),
+    "alg none": (
+        lambda a: (
+            f"{_b64(json.dumps({'alg': 'none', 'kid': KID}).encode())}."
+            f"{_b64(json.dumps(good_claims()).encode())}."
+        ),
+        "TOKEN_ALG_NOT_ALLOWED",
+    ),
+    "duplicate payload key": (
+        lambda a: _resign(
+            a,
+            json.dumps({"alg": "EdDSA", "kid": KID}),
+            json.dumps(good_claims())[:-1] + ', "sub": "root"}',
+        ),
+        "TOKEN_DUPLICATE_KEY",
+    ),
+    "duplicate header key": (
+        lambda a: _resign(
+            a, '{"alg": "EdDSA", "kid": "' + KID + '", "kid": "x"}', json.dumps(good_claims())
+        ),
+        "TOKEN_DUPLICATE_KEY",
+    ),
+    "crit": (
+        lambda a: sign(good_claims(), a.keys.ed25519, {"crit": ["exp"]}),
+        "TOKEN_CRIT_UNSUPPORTED",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKEN_CASES))
+def test_bad_tokens_are_unauthenticated(agent: Agent, case: str) -> None:
+    make, reason = TOKEN_CASES[case]
+    token = make(agent)
+    record = assert_denied(agent, token, NotAuthenticated, reason)
+    # nothing from an unverified token is trusted, and the token itself is never written
+    assert record["sub"] is None
+    assert record["token_sha256"].startswith("sha256:")
+    assert token not in agent.audit_path.read_text()
+
+
+def test_hs256_signed_with_the_public_key_is_refused(agent: Agent) -> None:
+    public_pem = agent.keys.ed25519.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # PyJWT refuses to HMAC with a PEM key, so build the forgery by hand (CVE-2022-29217)
+    import hashlib
+    import hmac
+
+    header = _b64(json.dumps({"alg": "HS256", "kid": KID}).encode())
+    payload = _b64(json.dumps(good_claims()).encode())
+    mac = hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert_denied(
+        agent, f"{header}.{payload}.{_b64(mac)}", NotAuthenticated, "TOKEN_ALG_NOT_ALLOWED"
+    )
+
+
+def test_es256_token_is_accepted_with_its_own_key(agent: Agent) -> None:
+    token = jwt.encode(good_claims(), agent.keys.es256, algorithm="ES256", headers={"kid": ES_KID})
+    marker = _new_marker(agent)
+    with agent.client(token) as client:
+        assert client.run("touch", {"file": str(marker)}).exit_code == 0
+    assert marker.exists()
+
+
+def test_unauthenticated_message_reveals_only_the_category(agent: Agent) -> None:
+    token = _claims_case(agent, iss="https://evil")
+    with agent.client(token) as client, pytest.raises(NotAuthenticated) as info:
+        client.run("touch", {"file": str(_new_marker(agent))})
+    assert info.value.message == "authentication failed"
+
+
+# ---- gate 2: authorisation → PERMISSION_DENIED ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claim",
+    ["touch", "touch probe", {"touch": True}, None, 42, ["touch", 1], [["touch"]]],
+    ids=["string", "spaced-string", "dict", "null", "number", "mixed-list", "nested-list"],
+)
+def test_whitelist_claim_must_be_a_list_of_strings(agent: Agent, claim: Any) -> None:
+    token = sign({**good_claims(), "cmds": claim}, agent.keys.ed25519)
+    assert_denied(agent, token, NotPermitted, "COMMANDS_CLAIM_INVALID")
+
+
+def test_missing_whitelist_claim_denies(agent: Agent) -> None:
+    token = _claims_case(agent, cmds=None)
+    assert_denied(agent, token, NotPermitted, "COMMANDS_CLAIM_INVALID")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Touch",
+        "TOUCH",
+        "ｔｏｕｃｈ",
+        "tоuch",
+        "touch\u200b",
+        "touch ",
+        " touch",
+        "touc",
+        "touch*",
+        "t.*",
+    ],
+)
+def test_command_names_match_exactly(agent: Agent, name: str) -> None:
+    # the token holds the look-alike; the host only has "touch"
+    token = agent.token([name, "probe"])
+    assert_denied(agent, token, NotPermitted, "COMMAND_NOT_IN_TOKEN")
+    # and the other way round: the token holds "touch", the request names the look-alike
+    token = agent.token(["touch"])
+    assert_denied(agent, token, NotPermitted, "COMMAND_NOT_IN_TOKEN", command=name)
+
+
+def test_command_in_token_but_not_on_host(agent: Agent) -> None:
+    token = agent.token(["reboot"])
+    record = assert_denied(
+        agent, token, NotPermitted, "COMMAND_NOT_IN_ALLOWLIST", command="reboot", params={}
+    )
+    assert record["sub"] == "alice"
+
+
+def test_permission_denied_does_not_say_which_gate(agent: Agent) -> None:
+    with agent.client(agent.token(["reboot"])) as client, pytest.raises(NotPermitted) as host:
+        client.run("reboot")
+    with agent.client(agent.token(["probe"])) as client, pytest.raises(NotPermitted) as token:
+        client.run("reboot")
+    assert host.value.message == token.value.message
+
+
+# ---- gate 3: parameters → INVALID_ARGUMENT ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "reason", "words"),
+    [
+        ({"file": "x", "extra": "1"}, "PARAM_UNKNOWN", "extra"),
+        ({}, "PARAM_MISSING", "'file'"),
+        ({"file": "/etc/passwd"}, "PARAM_INVALID", "must stay under"),
+        ({"file": "relative"}, "PARAM_INVALID", "absolute"),
+        ({"file": "-rf"}, "PARAM_INVALID", "starts with '-'"),
+        ({"file": "/tmp/a\nb"}, "PARAM_INVALID", "control character"),
+        ({"file": "/tmp/../etc/passwd"}, "PARAM_INVALID", "normalised"),
+    ],
+)
+def test_invalid_parameters(agent: Agent, params: dict[str, str], reason: str, words: str) -> None:
+    marker = _new_marker(agent)
+    if params.get("file") == "x":
+        params = {**params, "file": str(marker)}
+    with agent.client() as client, pytest.raises(InvalidParameters) as info:
+        client.run("touch", params)
+    assert not marker.exists()
+    assert words in info.value.message
+    record = agent.last_audit()
+    assert (record["event"], record["reason"]) == ("run.denied", reason)
+
+
+def test_path_parameter_cannot_escape_through_a_symlink(agent: Agent) -> None:
+    link = agent.marker_dir / "escape"
+    link.symlink_to("/etc")
+    try:
+        with agent.client() as client, pytest.raises(InvalidParameters):
+            client.run("touch", {"file": str(link / "cmdgate-pwned")})
+        assert not Path("/etc/cmdgate-pwned").exists()
+    finally:
+        link.unlink()
+
+
+def test_parameters_are_checked_only_after_authorisation(agent: Agent) -> None:
+    # an unauthorised caller learns nothing about a template's parameters
+    token = agent.token(["probe"])
+    assert_denied(agent, token, NotPermitted, "COMMAND_NOT_IN_TOKEN", params={"bogus": "1"})
+
+
+# ---- the audit log is a gate too ------------------------------------------------------------
+
+
+def test_unwritable_audit_log_means_nothing_runs(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # /dev/full opens fine and fails every write with ENOSPC: a full disk
+    broken = start_test_agent(
+        agent.lab, agent.keys, tmp_path_factory.mktemp("full"), audit_path=Path("/dev/full")
+    )
+    try:
+        marker = broken.marker("should-not-exist")
+        with broken.client() as client, pytest.raises(ClientError) as info:
+            client.run("touch", {"file": str(marker)})
+        assert info.value.code == "UNAVAILABLE"
+        assert "audit" in info.value.message
+        assert not marker.exists()
+    finally:
+        broken.thread.stop()
+
+
+def test_every_audit_record_is_one_line_even_with_newlines_in_input(agent: Agent) -> None:
+    token = agent.token(['touch\n{"forged": true}'])
+    with agent.client(token) as client, pytest.raises(NotPermitted):
+        client.run('touch\n{"forged": true}', {"file": "a\nb"})
+    lines = agent.audit_path.read_text().splitlines()
+    assert all(json.loads(line)["event"] for line in lines)
+    assert not any(json.loads(line).get("forged") for line in lines)
+
+
+def test_client_refuses_plaintext_to_a_remote_host() -> None:
+    with pytest.raises(ValueError, match="non-loopback"):
+        Client("10.0.0.1:7443", token="x.y.z", insecure=True)
