@@ -11,6 +11,7 @@ the category; the reason code and the detail go to the audit record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -233,10 +234,13 @@ def _effective_timeout(requested: float, template: CommandTemplate) -> float:
 
 
 def _peer_certificate_sha256(context: aio.ServicerContext[Any, Any]) -> str | None:
-    auth = context.auth_context()
-    pem = next(iter(auth.get("x509_pem_cert", ())), None)
-    if pem is None:
-        return None
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    return None if pem is None else _certificate_sha256(pem)
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_sha256(pem: bytes) -> str:
+    """SHA-256 of the DER certificate, as RFC 8705's x5t#S256 hashes it."""
     der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
     return hashlib.sha256(der).hexdigest()
 

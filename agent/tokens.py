@@ -16,8 +16,9 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -29,6 +30,7 @@ from cmdgate.shared.wire import AUTHORIZATION_KEY
 
 # Checked before any base64 or cryptography runs.
 MAX_TOKEN_BYTES = 8192
+VERIFIED_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,10 @@ class VerifiedClaims:
     subject: str
     issuer: str
     jti: str | None
+    expires_at: float
     # Everything, for the decision function and the audit (azp, client_id, the whitelist...).
-    claims: dict[str, Any]
+    # Read-only: one verified token's claims may serve many calls.
+    claims: Mapping[str, Any]
 
 
 def token_fingerprint(token: str) -> str:
@@ -65,13 +69,37 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 
 class TokenVerifier:
-    """Verifies tokens against one ``[auth]`` config; keys were parsed at load time."""
+    """Verifies tokens against one ``[auth]`` config; keys were parsed at load time.
 
-    def __init__(self, config: AuthConfig) -> None:
+    Tokens that verified are remembered by their SHA-256, so a client that
+    reuses its token does not pay for the signature again. The cache is
+    bounded, an entry is never used past the token's ``exp`` (plus leeway),
+    and it dies with the verifier, which a config reload replaces. Only
+    failures are never cached: a bad token always gets the full check.
+    """
+
+    def __init__(self, config: AuthConfig, cache_size: int = VERIFIED_CACHE_SIZE) -> None:
         self.config = config
+        self._cache_size = cache_size
+        self._cache: dict[bytes, VerifiedClaims] = {}
 
     def verify(self, token: str, now: float | None = None) -> VerifiedClaims:
         """Return the verified claims, or raise ``AuthenticationFailed`` with a reason code."""
+        now = time.time() if now is None else now
+        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if now <= cached.expires_at + self.config.leeway_seconds:
+                return cached
+            del self._cache[digest]
+        claims = self._verify(token, now)
+        if len(self._cache) >= self._cache_size:
+            # the oldest entry goes first: dicts keep insertion order
+            del self._cache[next(iter(self._cache))]
+        self._cache[digest] = claims
+        return claims
+
+    def _verify(self, token: str, now: float) -> VerifiedClaims:
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthenticationFailed("TOKEN_TOO_LARGE", f"{len(token)} bytes > {MAX_TOKEN_BYTES}")
         if not token.isascii():
@@ -90,7 +118,7 @@ class TokenVerifier:
             ) from None
         except PyJWTError as e:
             raise AuthenticationFailed("TOKEN_MALFORMED", f"rejected by PyJWT: {e}") from None
-        return self._check_claims(payload, time.time() if now is None else now)
+        return self._check_claims(payload, now)
 
     def _key_for(self, header: dict[str, Any]) -> Any:
         alg = header.get("alg")
@@ -146,7 +174,9 @@ class TokenVerifier:
         if not isinstance(subject, str) or not subject:
             raise AuthenticationFailed("TOKEN_SUBJECT_MISSING", "sub is missing or not a string")
         jti = payload.get("jti")
-        return VerifiedClaims(subject, issuer, jti if isinstance(jti, str) else None, payload)
+        return VerifiedClaims(
+            subject, issuer, jti if isinstance(jti, str) else None, exp, MappingProxyType(payload)
+        )
 
 
 def _numeric_claim(payload: dict[str, Any], name: str, required: bool) -> float | None:

@@ -589,3 +589,36 @@ def test_bearer_token_with_only_spaces_after_the_scheme_is_malformed() -> None:
     with pytest.raises(AuthenticationFailed) as info:
         bearer_token([("authorization", "Bearer    ")])
     assert info.value.reason == "TOKEN_MALFORMED"
+
+
+# --- the cache of verified tokens -----------------------------------------------------------
+
+
+def test_a_cached_token_still_expires(auth: Auth) -> None:
+    verifier = TokenVerifier(auth.verifier.config)
+    token = ed_token(claims(), auth)
+    first = verifier.verify(token, now=NOW)
+    assert verifier.verify(token, now=NOW + 1) is first  # served from the cache
+    expired_at = NOW + 300 + LEEWAY + 1
+    with pytest.raises(AuthenticationFailed) as info:
+        verifier.verify(token, now=expired_at)
+    assert info.value.reason == "TOKEN_EXPIRED"
+
+
+def test_a_failed_token_is_checked_in_full_every_time(auth: Auth) -> None:
+    verifier = TokenVerifier(auth.verifier.config)
+    token = ed_token(claims(iss="https://other.example"), auth)
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed) as info:
+            verifier.verify(token, now=NOW)
+        assert info.value.reason == "TOKEN_ISSUER_MISMATCH"
+
+
+def test_the_cache_is_bounded(auth: Auth) -> None:
+    verifier = TokenVerifier(auth.verifier.config, cache_size=2)
+    tokens = [ed_token(claims(jti=f"j{i}"), auth) for i in range(3)]
+    results = [verifier.verify(t, now=NOW) for t in tokens]
+    # the oldest was evicted: verifying it again yields a fresh object, the newest is a hit
+    assert verifier.verify(tokens[0], now=NOW) is not results[0]
+    assert verifier.verify(tokens[0], now=NOW) == results[0]
+    assert verifier.verify(tokens[2], now=NOW) is results[2]
