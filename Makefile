@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy -p cmdgate tests
+	$(BIN)/mypy -p cmdgate -p tests
 
 # Regenerate the committed gRPC code from proto/ with the pinned grpcio-tools.
 proto: install
