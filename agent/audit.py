@@ -1,22 +1,54 @@
-"""The audit log: one JSON line per decision, made durable before it matters.
+"""The audit log: one hash-chained JSON line per decision, durable before it matters.
 
-Records are appended to one file and fsync'ed with group commit: concurrent
-callers that wait for durability share one fsync instead of queueing for one
-each. A failed write or fsync fails every waiter, so the caller can refuse to
-run anything (fail closed); the next write tries the disk again.
+Records are appended with group commit: callers that wait for durability at
+the same time share one write and one fsync. Each record is chained to the
+one before (``seq``, ``prev``, ``hash``; see ``cmdgate.shared.auditlog``), and
+every N records or T seconds, idle or not, a checkpoint signed with the
+agent's own Ed25519 key is added, so that edits, deletions and a cut tail show.
+
+A failed write fails every waiter, so the caller refuses to run anything
+(fail closed). The chain state is only advanced once a batch is on disk, and
+a partial write is cut off again, so the next write, once the disk has room,
+continues the chain as if nothing had happened: no restart needed.
+
+The file rotates by size, ending with a final checkpoint, and is reopened
+on ``reopen()`` (SIGHUP) so that logrotate can move it away. Both happen
+between batches, so no record is lost or written twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from cmdgate.agent.config import AuditConfig
+from cmdgate.shared.auditlog import (
+    CHECKPOINT_EVENT,
+    GENESIS,
+    first_record,
+    key_id,
+    last_record,
+    log_files,
+    record_hash,
+    sign_checkpoint,
+)
+
 log = logging.getLogger("cmdgate.agent.audit")
+
+AUDIT_KEY_NAME = "audit-key.pem"
+AUDIT_PUBLIC_KEY_NAME = "audit-key.pub"
 
 
 def utc_timestamp() -> str:
@@ -27,64 +59,282 @@ def utc_timestamp() -> str:
 def encode_record(record: dict[str, Any]) -> bytes:
     """One line of JSON. ensure_ascii escapes every control character and newline,
     so no field can forge a line."""
-    line = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
+    line = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
     return line.encode() + b"\n"
 
 
-class AuditLog:
-    """Appends records to ``path``; ``await write(record)`` returns once it is on disk."""
+def load_or_create_audit_key(state_dir: Path) -> ed25519.Ed25519PrivateKey:
+    """The agent's audit signing key, made on first start, readable by the agent alone.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    The public half is written beside it for ``cmdgate audit verify --pubkey``.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path = state_dir / AUDIT_KEY_NAME
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError:
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        log.info("created the audit signing key %s", key_path)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{key_path} is not an Ed25519 private key")
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    public_path = state_dir / AUDIT_PUBLIC_KEY_NAME
+    if not public_path.exists() or public_path.read_bytes() != public_pem:
+        tmp = public_path.with_name(public_path.name + ".tmp")
+        tmp.write_bytes(public_pem)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, public_path)
+    return key
+
+
+@dataclass
+class _ChainHead:
+    seq: int
+    hash: str
+
+
+class _Pending:
+    """One record waiting for the next batch; ``fields is None`` asks for a checkpoint."""
+
+    __slots__ = ("fields", "future", "reason")
+
+    def __init__(
+        self, fields: dict[str, Any] | None, future: asyncio.Future[None] | None, reason: str = ""
+    ) -> None:
+        self.fields = fields
+        self.future = future
+        self.reason = reason
+
+
+class AuditLog:
+    """Appends chained records to ``config.path``; ``await write(...)`` returns once on disk."""
+
+    def __init__(self, config: AuditConfig, key: ed25519.Ed25519PrivateKey) -> None:
+        self.config = config
+        self.path = config.path
+        self._key = key
+        self.key_id = key_id(key.public_key())
         self._fd: int | None = None
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._size = 0
+        self._head = _ChainHead(0, GENESIS)
+        self._since_checkpoint = 0
+        self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._reopen_requested = False
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last record on disk."""
+        return self._head.seq
 
     def open(self) -> None:
-        """Open (or create, 0600) the file for appending; raises OSError if it cannot."""
+        """Find where the chain stands (across rotated files) and open the file for appending.
+
+        Raises OSError if the file cannot be opened.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        newest = max(
+            (r for r in (last_record(p) for p in log_files(self.path)) if r is not None),
+            key=lambda r: r.get("seq", 0) if isinstance(r.get("seq"), int) else 0,
+            default=None,
+        )
+        if newest is not None and isinstance(newest.get("seq"), int):
+            self._head = _ChainHead(newest["seq"], str(newest.get("hash", GENESIS)))
+        self._open_file()
+
+    def _open_file(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = os.fstat(fd).st_size
+        if size:
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    # a crash cut the last line short; keep the evidence, start a new line
+                    log.warning("%s: the last line is incomplete; continuing after it", self.path)
+                    os.write(fd, b"\n")
+                    size += 1
+        self._fd, self._size = fd, size
+
+    def start(self) -> None:
+        """Begin the periodic checkpoints; a checkpoint is written even when idle."""
+        self._ticker = asyncio.create_task(self._tick())
+
+    def reopen(self) -> None:
+        """Reopen the file before the next write (SIGHUP, after logrotate moved it)."""
+        self._reopen_requested = True
+        self._kick()
 
     async def write(self, event: str, fields: dict[str, Any]) -> None:
         """Append an ``event`` record and wait until it is fsync'ed; raise OSError if it is not."""
         record = {"ts": utc_timestamp(), "event": event, **fields}
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((encode_record(record), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_pending())
+        self._pending.append(_Pending(record, future))
+        self._kick()
         await asyncio.shield(future)
 
-    async def _flush_pending(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            batch, self._pending = self._pending, []
-            data = b"".join(line for line, _ in batch)
-            try:
-                await loop.run_in_executor(None, self._write_and_sync, data)
-            except OSError as e:
-                log.error("audit write to %s failed: %s", self.path, e)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(OSError(e.errno, f"{self.path}: {e.strerror}"))
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-
-    def _write_and_sync(self, data: bytes) -> None:
-        if self._fd is None:
-            self.open()
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
+    async def checkpoint(self, reason: str) -> None:
+        """Append a signed checkpoint and wait until it is on disk."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(None, future, reason))
+        self._kick()
+        await asyncio.shield(future)
 
     async def close(self) -> None:
-        """Flush what is pending and close the file."""
+        """Write a final checkpoint, then close the file."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._fd is not None:
+            try:
+                await self.checkpoint("shutdown")
+            except OSError as e:
+                log.error("final audit checkpoint failed: %s", e)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_pending())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_every_seconds)
+            # a failure is logged by the flusher; the next tick tries again
+            with contextlib.suppress(OSError):
+                await self.checkpoint("interval")
+
+    async def _flush_pending(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            head, since = _ChainHead(self._head.seq, self._head.hash), self._since_checkpoint
+            lines: list[bytes] = []
+            for item in batch:
+                if item.fields is None:
+                    lines.append(self._chain(head, self._checkpoint_fields(item.reason)))
+                    since = 0
+                    continue
+                lines.append(self._chain(head, item.fields))
+                since += 1
+                if since >= self.config.checkpoint_every_records:
+                    lines.append(self._chain(head, self._checkpoint_fields("records")))
+                    since = 0
+            data = b"".join(lines)
+            rotate = self._needs_rotation(len(data))
+            final = b""
+            if rotate:
+                # the old file ends with a signed checkpoint, so a cut tail shows there too
+                final = self._chain(head, self._checkpoint_fields("rotate", final=True))
+                data = final + data
+            try:
+                await loop.run_in_executor(None, self._write_batch, data, len(final))
+            except OSError as e:
+                log.error("audit write to %s failed: %s", self.path, e)
+                error = OSError(e.errno, f"audit log {self.path}: {e.strerror}")
+                for item in batch:
+                    if item.future is not None and not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            self._head, self._since_checkpoint = head, since
+            for item in batch:
+                if item.future is not None and not item.future.done():
+                    item.future.set_result(None)
+            if self.config.log_records:
+                self._log_records(lines)
+
+    def _chain(self, head: _ChainHead, fields: dict[str, Any]) -> bytes:
+        """Give ``fields`` the next seq and the link to ``head``; advance ``head``."""
+        head.seq += 1
+        record = {**fields, "seq": head.seq, "prev": head.hash}
+        if record.get("event") == CHECKPOINT_EVENT:
+            record["sig"] = sign_checkpoint(self._key, record)
+        record["hash"] = record_hash(record)
+        head.hash = record["hash"]
+        return encode_record(record)
+
+    def _checkpoint_fields(self, reason: str, final: bool = False) -> dict[str, Any]:
+        return {
+            "ts": utc_timestamp(),
+            "event": CHECKPOINT_EVENT,
+            "reason": reason,
+            "final": final,
+            "key_id": self.key_id,
+            "every_records": self.config.checkpoint_every_records,
+            "every_seconds": self.config.checkpoint_every_seconds,
+        }
+
+    def _needs_rotation(self, incoming: int) -> bool:
+        limit = self.config.max_bytes
+        return limit > 0 and self._size > 0 and self._size + incoming > limit
+
+    def _write_batch(self, data: bytes, rotate_after: int) -> None:
+        """Write ``data`` and fsync; when ``rotate_after``, its first bytes end the old file."""
+        if self._reopen_requested or self._fd is None:
+            self._reopen_requested = False
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._open_file()
+        if rotate_after:
+            self._append(data[:rotate_after])
+            try:
+                self._rotate()
+            except OSError as e:
+                # the records are safe either way: keep appending to the file we have
+                log.error("audit log rotation of %s failed, continuing in it: %s", self.path, e)
+            data = data[rotate_after:]
+        self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        start = self._size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError:
+            # cut off a partial batch, so the file holds whole lines of a valid chain
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
+        self._size = start + len(data)
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        first = first_record(self.path)
+        first_seq = first["seq"] if first and isinstance(first.get("seq"), int) else 0
+        # named by the first seq it holds, so that the names sort in chain order
+        rotated = self.path.with_name(f"{self.path.name}.{first_seq:012d}")
+        os.rename(self.path, rotated)
+        os.close(self._fd)
+        self._fd = None
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._open_file()
+        log.info("audit log rotated to %s", rotated)
+
+    def _log_records(self, lines: Iterable[bytes]) -> None:
+        # journald and log shippers carry these; the file stays the record of truth
+        out = sys.stdout.buffer
+        for line in lines:
+            out.write(line)
+        out.flush()

@@ -77,6 +77,13 @@ def _serve(config: AgentConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def reopen_audit() -> None:
+            log.info("SIGHUP: reopening the audit log %s", config.audit.path)
+            agent.audit.reopen()
+
+        # logrotate moves the file away, then signals
+        loop.add_signal_handler(signal.SIGHUP, reopen_audit)
         await stop.wait()
         log.info("stopping: calls in flight get %.0fs to finish", STOP_GRACE_SECONDS)
         await agent.stop(STOP_GRACE_SECONDS)

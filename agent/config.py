@@ -56,6 +56,8 @@ class ServerConfig:
     tls_key_pem: bytes | None
     # When set, clients must present a certificate signed by it (mTLS).
     client_ca_pem: bytes | None
+    # The agent's own files: its audit signing key.
+    state_dir: Path
 
     @property
     def listen(self) -> str:
@@ -81,11 +83,20 @@ class AuthConfig:
     commands_claim: str
     leeway_seconds: int
     max_token_lifetime_seconds: int
+    # Reading the audit log over the API needs this claim to be true in the token.
+    audit_claim: str
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     path: Path
+    # Rotate the file once it would grow past this many bytes; 0 never rotates.
+    max_bytes: int
+    # A signed checkpoint every so many records, and at least every so many seconds.
+    checkpoint_every_records: int
+    checkpoint_every_seconds: float
+    # Also write each record as a JSON line to stdout, for journald and log shippers.
+    log_records: bool
 
 
 @dataclass(frozen=True)
@@ -231,8 +242,9 @@ def _load_server(table: _Table, base: Path) -> ServerConfig:
         table.fail("insecure", "cannot be combined with tls_cert, tls_key or client_ca")
     if not insecure and (cert is None or key is None):
         table.fail("tls_cert" if cert is None else "tls_key", "is required unless insecure = true")
+    state_dir = _resolve(base, table.string("state_dir", "state"))
     table.finish()
-    return ServerConfig(target.host, target.port, insecure, cert, key, client_ca)
+    return ServerConfig(target.host, target.port, insecure, cert, key, client_ca, state_dir)
 
 
 def _load_auth(table: _Table, base: Path) -> AuthConfig:
@@ -253,10 +265,15 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         table.fail("commands_claim", "must not be empty")
     leeway = table.integer("leeway_seconds", 30, low=0, high=MAX_LEEWAY_SECONDS)
     lifetime = table.integer("max_token_lifetime_seconds", 3600, low=1)
+    audit_claim = table.string("audit_claim", "cmdgate_audit")
+    if not audit_claim or audit_claim == claim:
+        table.fail("audit_claim", "must be a claim of its own, not empty nor commands_claim")
     jwks_value = table.string("jwks_file")
     keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
     table.finish()
-    return AuthConfig(issuer, audience, frozenset(algorithms), keys, claim, leeway, lifetime)
+    return AuthConfig(
+        issuer, audience, frozenset(algorithms), keys, claim, leeway, lifetime, audit_claim
+    )
 
 
 def _load_jwks(
@@ -301,8 +318,16 @@ def _load_jwks(
 
 def _load_audit(table: _Table, base: Path) -> AuditConfig:
     path = _resolve(base, table.string("path", "audit.jsonl"))
+    max_bytes = table.integer("max_bytes", 64 * 1024 * 1024, low=0)
+    if 0 < max_bytes < 4096:
+        table.fail("max_bytes", "must be 0 (never rotate) or at least 4096")
+    every_records = table.integer("checkpoint_every_records", 1000, low=1)
+    every_seconds = float(table.get("checkpoint_every_seconds", (int, float), 60))
+    if not (math.isfinite(every_seconds) and 0.05 <= every_seconds <= 86400):
+        table.fail("checkpoint_every_seconds", "must be between 0.05 and 86400")
+    log_records = table.boolean("log_records", False)
     table.finish()
-    return AuditConfig(path)
+    return AuditConfig(path, max_bytes, every_records, every_seconds, log_records)
 
 
 def _load_commands(table: _Table) -> Mapping[str, CommandTemplate]:
@@ -381,6 +406,7 @@ def _load_param(name: str, table: _Table) -> ParamSpec:
         table.fail("required", "cannot be true when a default is given")
     max_length = table.integer("max_length", DEFAULT_MAX_LENGTH, low=1, high=65536)
     allow_dash = table.boolean("allow_leading_dash", False)
+    secret = table.boolean("secret", False)
     pattern = None
     values: tuple[str, ...] = ()
     low = high = None
@@ -423,6 +449,7 @@ def _load_param(name: str, table: _Table) -> ParamSpec:
         low,
         high,
         under,
+        secret,
     )
     if default is not None:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import os
 import signal
 import subprocess
@@ -60,6 +61,9 @@ class RunOutcome:
     duration_ms: int
     stdout_bytes: int
     stderr_bytes: int
+    # SHA-256 of exactly what was sent to the client, per stream, in hex.
+    stdout_sha256: str
+    stderr_sha256: str
 
 
 class ProcessRun:
@@ -86,6 +90,7 @@ class ProcessRun:
         self._open: dict[StreamName, int] = {}
         self._paused = False
         self._bytes = {StreamName.STDOUT: 0, StreamName.STDERR: 0}
+        self._digests = {StreamName.STDOUT: hashlib.sha256(), StreamName.STDERR: hashlib.sha256()}
         self._end: EndReason | None = None
         self._returncode: int | None = None
         self._reaped = asyncio.Event()
@@ -186,6 +191,7 @@ class ProcessRun:
             data = data[:room]
         if data:
             self._bytes[name] += len(data)
+            self._digests[name].update(data)
             self._queue.put_nowait((name, data))
         if over_cap:
             # what is kept is queued first: closing the last stream queues the end
@@ -249,4 +255,6 @@ class ProcessRun:
             duration_ms=self._duration_ms,
             stdout_bytes=self._bytes[StreamName.STDOUT],
             stderr_bytes=self._bytes[StreamName.STDERR],
+            stdout_sha256=self._digests[StreamName.STDOUT].hexdigest(),
+            stderr_sha256=self._digests[StreamName.STDERR].hexdigest(),
         )

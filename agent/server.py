@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -10,7 +11,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cmdgate.agent.audit import AuditLog
+from cmdgate import __version__
+from cmdgate.agent.audit import AuditLog, load_or_create_audit_key
 from cmdgate.agent.config import AgentConfig
 from cmdgate.agent.errors import ConfigError
 from cmdgate.agent.service import AgentService, AgentState
@@ -60,13 +62,25 @@ def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
 
 async def start_agent(config: AgentConfig) -> RunningAgent:
     """Open the audit log, bind the port and start serving; raise ``ConfigError`` if it cannot."""
-    audit = AuditLog(config.audit.path)
+    try:
+        key = load_or_create_audit_key(config.server.state_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config.source}: server.state_dir: audit key: {e}") from None
+    audit = AuditLog(config.audit, key)
     try:
         audit.open()
     except OSError as e:
         raise ConfigError(
             f"{config.source}: audit.path: cannot open {e.filename}: {e.strerror}"
         ) from None
+    audit.start()
+    try:
+        await audit.write(
+            "agent.started", {"version": __version__, "pid": os.getpid(), "key_id": audit.key_id}
+        )
+    except OSError as e:
+        # a full disk need not keep the agent down: every run is refused until it has room
+        log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
     service = AgentService(AgentState.from_config(config), audit)
     server = aio.server(options=_SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)

@@ -11,13 +11,17 @@ the category; the reason code and the detail go to the audit record.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import hashlib
+import json
 import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from cryptography import x509
@@ -27,10 +31,11 @@ from grpc import aio
 from cmdgate.agent.audit import AuditLog
 from cmdgate.agent.config import AgentConfig
 from cmdgate.agent.decision import decide, permitted_commands
-from cmdgate.agent.errors import AuditUnavailable, CallDenied, InvalidParameters
+from cmdgate.agent.errors import AuditUnavailable, CallDenied, InvalidParameters, NotPermitted
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
 from cmdgate.agent.templates import CommandTemplate, ParamSpec, ParamType
 from cmdgate.agent.tokens import TokenVerifier, VerifiedClaims, bearer_token, token_fingerprint
+from cmdgate.shared.auditlog import AuditFilter, log_files, normalise_time, read_records
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("cmdgate.agent")
@@ -43,6 +48,7 @@ _PARAM_TYPES = {
     ParamType.PATH: agent_pb2.PARAM_TYPE_PATH,
 }
 MAX_REQUEST_ID_LENGTH = 128
+MAX_AUDIT_QUERY_RECORDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.RunRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[agent_pb2.RunEvent]:
         state = self.state
-        record = self._base_record(context, "run", request.command, request.request_id)
-        record["params"] = dict(request.params)
-        claims: VerifiedClaims | None = None
+        record = _base_record(context, request.command, request.request_id)
+        record["run_id"] = uuid.uuid4().hex
+        known = state.config.commands.get(request.command)
+        # secret parameter values never reach the log, whichever gate refuses the call
+        record["params"] = known.redact(request.params) if known else dict(request.params)
         try:
             claims = self._authenticate(state, context, record)
             decision = decide(
@@ -84,24 +92,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             template = decision.template
             assert template is not None
             record["template_sha256"] = template.sha256
-            argv = template.render(request.params)
+            rendered = template.render(request.params)
             timeout = _effective_timeout(request.timeout_seconds, template)
         except CallDenied as denial:
-            await self._deny(context, record, denial)
-        record["argv"] = list(argv)
-        try:
-            await self.audit.write("run.started", {"decision": "allowed", "reason": "OK", **record})
-        except OSError as e:
-            # fail closed: a run the audit cannot record does not happen
-            log.error("refusing run %s: audit unavailable: %s", record["run_id"], e)
-            await context.abort(AuditUnavailable.status, AuditUnavailable.default_message)
+            await self._deny(context, "run.denied", record, denial)
+        record["argv"] = list(rendered.audit_argv)
+        await self._write_allowed(context, "run.started", record)
         run = ProcessRun(
-            argv, template.child_env(), template.cwd, timeout, template.max_output_bytes
+            rendered.argv, template.child_env(), template.cwd, timeout, template.max_output_bytes
         )
         try:
             run.start()
         except CallDenied as failure:
-            await self._write_finished(record, None, failure.reason)
+            await self._write_finished(record, None, failure)
             log.error("run %s: %s", record["run_id"], failure.detail)
             await context.abort(failure.status, failure.client_message)
         log.info(
@@ -124,7 +127,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             if not completed:
                 await run.cancel()
-            await self._write_finished(record, run.outcome, "OK")
+            await self._write_finished(record, run.outcome, None)
         assert run.outcome is not None
         yield agent_pb2.RunEvent(exited=_exited_event(run.outcome))
 
@@ -132,38 +135,52 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.ListCommandsRequest, context: aio.ServicerContext[Any, Any]
     ) -> agent_pb2.ListCommandsResponse:
         state = self.state
-        record = self._base_record(context, "list", "", "")
+        record = _base_record(context, "", "")
         try:
             claims = self._authenticate(state, context, record)
             templates = permitted_commands(
                 claims.claims, state.config.commands, state.config.auth.commands_claim
             )
         except CallDenied as denial:
-            await self._deny(context, record, denial)
+            await self._deny(context, "list", record, denial)
         record["commands"] = [t.name for t in templates]
-        try:
-            await self.audit.write("list", {"decision": "allowed", "reason": "OK", **record})
-        except OSError as e:
-            log.error("list refused: audit unavailable: %s", e)
-            await context.abort(AuditUnavailable.status, AuditUnavailable.default_message)
+        await self._write_allowed(context, "list", record)
         return agent_pb2.ListCommandsResponse(commands=[_command_info(t) for t in templates])
 
-    def _base_record(
-        self, context: aio.ServicerContext[Any, Any], kind: str, command: str, request_id: str
-    ) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "run_id": uuid.uuid4().hex if kind == "run" else None,
-            "request_id": request_id[:MAX_REQUEST_ID_LENGTH] or None,
-            "sub": None,
-            "iss": None,
-            "jti": None,
-            "peer": context.peer(),
-            "command": command,
+    async def AuditQuery(
+        self, request: agent_pb2.AuditQueryRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_pb2.AuditRecord]:
+        state = self.state
+        record = _base_record(context, "", "")
+        query = {
+            "sub": request.sub,
+            "command": request.command,
+            "decision": request.decision,
+            "since": request.since,
+            "until": request.until,
+            "run_id": request.run_id,
+            "limit": request.limit,
         }
-        cert = _peer_certificate_sha256(context)
-        if cert is not None:
-            record["peer_cert_sha256"] = cert
-        return record
+        record["query"] = {k: v for k, v in query.items() if v}
+        try:
+            claims = self._authenticate(state, context, record)
+            claim = state.config.auth.audit_claim
+            # reading everyone's history is a permission of its own, not implied by running
+            if claims.claims.get(claim) is not True:
+                raise NotPermitted(
+                    "AUDIT_NOT_PERMITTED",
+                    f"claim {claim!r} is not true",
+                    "not permitted to read the audit log",
+                )
+            wanted = _audit_filter(request)
+        except CallDenied as denial:
+            await self._deny(context, "audit.query", record, denial)
+        await self._write_allowed(context, "audit.query", record)
+        limit = min(request.limit or MAX_AUDIT_QUERY_RECORDS, MAX_AUDIT_QUERY_RECORDS)
+        loop = asyncio.get_running_loop()
+        lines = await loop.run_in_executor(None, _query_log, self.audit.path, wanted, limit)
+        for line in lines:
+            yield agent_pb2.AuditRecord(json=line)
 
     def _authenticate(
         self, state: AgentState, context: aio.ServicerContext[Any, Any], record: dict[str, Any]
@@ -179,26 +196,39 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 record[optional] = claims.claims[optional]
         return claims
 
-    async def _deny(
-        self, context: aio.ServicerContext[Any, Any], record: dict[str, Any], denial: CallDenied
-    ) -> NoReturn:
-        kind = "run.denied" if record["run_id"] is not None else "list"
+    async def _write_allowed(
+        self, context: aio.ServicerContext[Any, Any], event: str, record: dict[str, Any]
+    ) -> None:
+        fields = {"decision": "allowed", "reason": "OK", "grpc_code": "OK", **record}
         try:
-            await self.audit.write(
-                kind,
-                {
-                    "decision": "denied",
-                    "reason": denial.reason,
-                    "grpc_code": denial.status.name,
-                    "detail": denial.detail,
-                    **record,
-                },
-            )
+            await self.audit.write(event, fields)
+        except OSError as e:
+            # fail closed: what the audit cannot record does not happen
+            log.error("refusing %s from %s: %s", event, record["sub"], e)
+            await context.abort(AuditUnavailable.status, AuditUnavailable.default_message)
+
+    async def _deny(
+        self,
+        context: aio.ServicerContext[Any, Any],
+        event: str,
+        record: dict[str, Any],
+        denial: CallDenied,
+    ) -> NoReturn:
+        fields = {
+            "decision": "denied",
+            "reason": denial.reason,
+            "grpc_code": denial.status.name,
+            "detail": denial.detail,
+            **record,
+        }
+        try:
+            await self.audit.write(event, fields)
         except OSError as e:
             log.error("audit of a denial failed (%s): %s", denial.reason, e)
         log.info(
-            "denied %s %r from %s: %s",
+            "denied %s %s %r from %s: %s",
             record["sub"],
+            event,
             record["command"][:64],
             record["peer"],
             denial,
@@ -206,9 +236,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         await context.abort(denial.status, denial.client_message)
 
     async def _write_finished(
-        self, record: dict[str, Any], outcome: RunOutcome | None, reason: str
+        self, record: dict[str, Any], outcome: RunOutcome | None, failure: CallDenied | None
     ) -> None:
-        finished: dict[str, Any] = {"decision": "allowed", "reason": reason, **record}
+        finished: dict[str, Any] = {
+            "decision": "allowed",
+            "reason": failure.reason if failure else "OK",
+            "grpc_code": failure.status.name if failure else "OK",
+            **record,
+        }
         if outcome is not None:
             finished.update(
                 exit_code=outcome.exit_code,
@@ -219,11 +254,51 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 duration_ms=outcome.duration_ms,
                 stdout_bytes=outcome.stdout_bytes,
                 stderr_bytes=outcome.stderr_bytes,
+                stdout_sha256=outcome.stdout_sha256,
+                stderr_sha256=outcome.stderr_sha256,
             )
         try:
             await self.audit.write("run.finished", finished)
         except OSError as e:
             log.error("audit of run %s's end failed: %s", record["run_id"], e)
+
+
+def _base_record(
+    context: aio.ServicerContext[Any, Any], command: str, request_id: str
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "run_id": None,
+        "request_id": request_id[:MAX_REQUEST_ID_LENGTH] or None,
+        "sub": None,
+        "iss": None,
+        "jti": None,
+        "peer": context.peer(),
+        "command": command,
+    }
+    cert = _peer_certificate_sha256(context)
+    if cert is not None:
+        record["peer_cert_sha256"] = cert
+    return record
+
+
+def _audit_filter(request: agent_pb2.AuditQueryRequest) -> AuditFilter:
+    if request.decision not in ("", "allowed", "denied"):
+        raise InvalidParameters("QUERY_INVALID", "decision must be 'allowed' or 'denied'")
+    try:
+        since = normalise_time(request.since) if request.since else ""
+        until = normalise_time(request.until) if request.until else ""
+    except ValueError as e:
+        raise InvalidParameters("QUERY_INVALID", str(e)) from None
+    return AuditFilter(request.sub, request.command, request.decision, since, until, request.run_id)
+
+
+def _query_log(path: Path, wanted: AuditFilter, limit: int) -> list[str]:
+    """The newest ``limit`` matching records of the log and its rotated files, oldest first."""
+    matching: collections.deque[str] = collections.deque(maxlen=limit)
+    for record in read_records(log_files(path)):
+        if wanted.matches(record):
+            matching.append(json.dumps(record, ensure_ascii=True, separators=(",", ":")))
+    return list(matching)
 
 
 def _effective_timeout(requested: float, template: CommandTemplate) -> float:

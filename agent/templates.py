@@ -54,6 +54,8 @@ class ParamSpec:
     min: int | None = None
     max: int | None = None
     under: tuple[str, ...] = ()
+    # The value never reaches the audit log or any log: only its SHA-256 does.
+    secret: bool = False
 
     def validate(self, value: str) -> str:
         """Return the value to put in argv, or raise ``InvalidParameters`` naming the rule."""
@@ -182,6 +184,18 @@ RenderedArgv = tuple[str, ...]
 
 
 @dataclass(frozen=True)
+class RenderedCommand:
+    """The argv to run, and the same argv as the audit may show it (secrets hashed)."""
+
+    argv: RenderedArgv
+    audit_argv: RenderedArgv
+
+
+def secret_digest(value: str) -> str:
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
 class CommandTemplate:
     """A host-allowlisted command, frozen at load time."""
 
@@ -197,7 +211,7 @@ class CommandTemplate:
     # SHA-256 of the template as loaded, so audit records name exactly what ran.
     sha256: str = field(default="")
 
-    def render(self, request_params: Mapping[str, str]) -> RenderedArgv:
+    def render(self, request_params: Mapping[str, str]) -> RenderedCommand:
         """Validate ``request_params`` and build the argv, or raise ``InvalidParameters``.
 
         An optional parameter with no default that the request leaves out
@@ -215,6 +229,13 @@ class CommandTemplate:
                 values[name] = spec.validate(spec.default)
             elif spec.required:
                 raise InvalidParameters("PARAM_MISSING", f"parameter {name!r} is required")
+        shown = {
+            name: secret_digest(value) if self.params[name].secret else value
+            for name, value in values.items()
+        }
+        return RenderedCommand(self._build(values), self._build(shown))
+
+    def _build(self, values: Mapping[str, str]) -> RenderedArgv:
         argv = [self.executable]
         for arg in self.args:
             if all(n in values for n in arg.names):
@@ -222,6 +243,15 @@ class CommandTemplate:
                     "".join(p.text if isinstance(p, Literal) else values[p.name] for p in arg.parts)
                 )
         return tuple(argv)
+
+    def redact(self, request_params: Mapping[str, str]) -> dict[str, str]:
+        """The request's parameters as the audit may show them: secret values hashed."""
+        return {
+            name: secret_digest(value)
+            if name in self.params and self.params[name].secret
+            else value
+            for name, value in request_params.items()
+        }
 
     def child_env(self) -> dict[str, str]:
         """The child's whole environment: a minimal PATH and LANG, then the template's env."""

@@ -162,7 +162,11 @@ class Agent:
             return [json.loads(line) for line in f]
 
     def last_audit(self, event: str | None = None) -> dict[str, Any]:
-        records = [r for r in self.audit() if event is None or r["event"] == event]
+        records = [
+            r
+            for r in self.audit()
+            if r["event"] == event or (event is None and r["event"] != "checkpoint")
+        ]
         assert records, f"no audit record for {event}"
         return records[-1]
 

@@ -145,7 +145,7 @@ def test_a_minimal_config_loads_with_secure_defaults(site: Site) -> None:
     show = config.commands["show"]
     assert show.executable == site.tool
     assert show.params["n"].type is ParamType.INT
-    assert show.render({"n": "3"}) == (site.tool, "--", "3")
+    assert show.render({"n": "3"}).argv == (site.tool, "--", "3")
 
 
 def test_a_missing_config_file_names_the_file(tmp_path: Path) -> None:

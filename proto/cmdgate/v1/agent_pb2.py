@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63mdgate/v1/agent.proto\x12\ncmdgate.v1\"\xad\x01\n\nRunRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x32\n\x06params\x18\x02 \x03(\x0b\x32\".cmdgate.v1.RunRequest.ParamsEntry\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x08RunEvent\x12&\n\x07started\x18\x01 \x01(\x0b\x32\x13.cmdgate.v1.StartedH\x00\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x12.cmdgate.v1.OutputH\x00\x12$\n\x06\x65xited\x18\x03 \x01(\x0b\x32\x12.cmdgate.v1.ExitedH\x00\x42\x07\n\x05\x65vent\"L\n\x07Started\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\x18\n\x10max_output_bytes\x18\x03 \x01(\x04\":\n\x06Output\x12\"\n\x06stream\x18\x01 \x01(\x0e\x32\x12.cmdgate.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xb3\x01\n\x06\x45xited\x12\x13\n\texit_code\x18\x01 \x01(\x05H\x00\x12\x10\n\x06signal\x18\x02 \x01(\x05H\x00\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12\x14\n\x0cstdout_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x08 \x01(\x04\x42\x08\n\x06status\"\x15\n\x13ListCommandsRequest\"A\n\x14ListCommandsResponse\x12)\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x17.cmdgate.v1.CommandInfo\"\x8a\x01\n\x0b\x43ommandInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x06params\x18\x03 \x03(\x0b\x32\x15.cmdgate.v1.ParamInfo\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x18\n\x10max_output_bytes\x18\x05 \x01(\x04\"\x86\x02\n\tParamInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.cmdgate.v1.ParamType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x14\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x1a\n\x12\x61llow_leading_dash\x18\x06 \x01(\x08\x12\x0f\n\x07pattern\x18\x07 \x01(\t\x12\x0e\n\x06values\x18\x08 \x03(\t\x12\x10\n\x03min\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x10\n\x03max\x18\n \x01(\x03H\x02\x88\x01\x01\x12\r\n\x05under\x18\x0b \x03(\tB\n\n\x08_defaultB\x06\n\x04_minB\x06\n\x04_max*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02*|\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11PARAM_TYPE_STRING\x10\x01\x12\x13\n\x0fPARAM_TYPE_ENUM\x10\x02\x12\x12\n\x0ePARAM_TYPE_INT\x10\x03\x12\x13\n\x0fPARAM_TYPE_PATH\x10\x04\x32\x91\x01\n\x05\x41gent\x12\x35\n\x03Run\x12\x16.cmdgate.v1.RunRequest\x1a\x14.cmdgate.v1.RunEvent0\x01\x12Q\n\x0cListCommands\x12\x1f.cmdgate.v1.ListCommandsRequest\x1a .cmdgate.v1.ListCommandsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63mdgate/v1/agent.proto\x12\ncmdgate.v1\"\xad\x01\n\nRunRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x32\n\x06params\x18\x02 \x03(\x0b\x32\".cmdgate.v1.RunRequest.ParamsEntry\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x08RunEvent\x12&\n\x07started\x18\x01 \x01(\x0b\x32\x13.cmdgate.v1.StartedH\x00\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x12.cmdgate.v1.OutputH\x00\x12$\n\x06\x65xited\x18\x03 \x01(\x0b\x32\x12.cmdgate.v1.ExitedH\x00\x42\x07\n\x05\x65vent\"L\n\x07Started\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\x18\n\x10max_output_bytes\x18\x03 \x01(\x04\":\n\x06Output\x12\"\n\x06stream\x18\x01 \x01(\x0e\x32\x12.cmdgate.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xb3\x01\n\x06\x45xited\x12\x13\n\texit_code\x18\x01 \x01(\x05H\x00\x12\x10\n\x06signal\x18\x02 \x01(\x05H\x00\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x04\x12\x14\n\x0cstdout_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cstderr_bytes\x18\x08 \x01(\x04\x42\x08\n\x06status\"\x80\x01\n\x11\x41uditQueryRequest\x12\x0b\n\x03sub\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\t\x12\r\n\x05until\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\r\"\x1b\n\x0b\x41uditRecord\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x15\n\x13ListCommandsRequest\"A\n\x14ListCommandsResponse\x12)\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x17.cmdgate.v1.CommandInfo\"\x8a\x01\n\x0b\x43ommandInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x06params\x18\x03 \x03(\x0b\x32\x15.cmdgate.v1.ParamInfo\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x18\n\x10max_output_bytes\x18\x05 \x01(\x04\"\x86\x02\n\tParamInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.cmdgate.v1.ParamType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x14\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x1a\n\x12\x61llow_leading_dash\x18\x06 \x01(\x08\x12\x0f\n\x07pattern\x18\x07 \x01(\t\x12\x0e\n\x06values\x18\x08 \x03(\t\x12\x10\n\x03min\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x10\n\x03max\x18\n \x01(\x03H\x02\x88\x01\x01\x12\r\n\x05under\x18\x0b \x03(\tB\n\n\x08_defaultB\x06\n\x04_minB\x06\n\x04_max*F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02*|\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11PARAM_TYPE_STRING\x10\x01\x12\x13\n\x0fPARAM_TYPE_ENUM\x10\x02\x12\x12\n\x0ePARAM_TYPE_INT\x10\x03\x12\x13\n\x0fPARAM_TYPE_PATH\x10\x04\x32\xd9\x01\n\x05\x41gent\x12\x35\n\x03Run\x12\x16.cmdgate.v1.RunRequest\x1a\x14.cmdgate.v1.RunEvent0\x01\x12Q\n\x0cListCommands\x12\x1f.cmdgate.v1.ListCommandsRequest\x1a .cmdgate.v1.ListCommandsResponse\x12\x46\n\nAuditQuery\x12\x1d.cmdgate.v1.AuditQueryRequest\x1a\x17.cmdgate.v1.AuditRecord0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNREQUEST_PARAMSENTRY']._loaded_options = None
   _globals['_RUNREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_STREAM']._serialized_start=1168
-  _globals['_STREAM']._serialized_end=1238
-  _globals['_PARAMTYPE']._serialized_start=1240
-  _globals['_PARAMTYPE']._serialized_end=1364
+  _globals['_STREAM']._serialized_start=1328
+  _globals['_STREAM']._serialized_end=1398
+  _globals['_PARAMTYPE']._serialized_start=1400
+  _globals['_PARAMTYPE']._serialized_end=1524
   _globals['_RUNREQUEST']._serialized_start=39
   _globals['_RUNREQUEST']._serialized_end=212
   _globals['_RUNREQUEST_PARAMSENTRY']._serialized_start=167
@@ -49,14 +49,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTPUT']._serialized_end=488
   _globals['_EXITED']._serialized_start=491
   _globals['_EXITED']._serialized_end=670
-  _globals['_LISTCOMMANDSREQUEST']._serialized_start=672
-  _globals['_LISTCOMMANDSREQUEST']._serialized_end=693
-  _globals['_LISTCOMMANDSRESPONSE']._serialized_start=695
-  _globals['_LISTCOMMANDSRESPONSE']._serialized_end=760
-  _globals['_COMMANDINFO']._serialized_start=763
-  _globals['_COMMANDINFO']._serialized_end=901
-  _globals['_PARAMINFO']._serialized_start=904
-  _globals['_PARAMINFO']._serialized_end=1166
-  _globals['_AGENT']._serialized_start=1367
-  _globals['_AGENT']._serialized_end=1512
+  _globals['_AUDITQUERYREQUEST']._serialized_start=673
+  _globals['_AUDITQUERYREQUEST']._serialized_end=801
+  _globals['_AUDITRECORD']._serialized_start=803
+  _globals['_AUDITRECORD']._serialized_end=830
+  _globals['_LISTCOMMANDSREQUEST']._serialized_start=832
+  _globals['_LISTCOMMANDSREQUEST']._serialized_end=853
+  _globals['_LISTCOMMANDSRESPONSE']._serialized_start=855
+  _globals['_LISTCOMMANDSRESPONSE']._serialized_end=920
+  _globals['_COMMANDINFO']._serialized_start=923
+  _globals['_COMMANDINFO']._serialized_end=1061
+  _globals['_PARAMINFO']._serialized_start=1064
+  _globals['_PARAMINFO']._serialized_end=1326
+  _globals['_AGENT']._serialized_start=1527
+  _globals['_AGENT']._serialized_end=1744
 # @@protoc_insertion_point(module_scope)

@@ -96,6 +96,30 @@ class Exited(_message.Message):
     stderr_bytes: int
     def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ...) -> None: ...
 
+class AuditQueryRequest(_message.Message):
+    __slots__ = ("sub", "command", "decision", "since", "until", "run_id", "limit")
+    SUB_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    sub: str
+    command: str
+    decision: str
+    since: str
+    until: str
+    run_id: str
+    limit: int
+    def __init__(self, sub: _Optional[str] = ..., command: _Optional[str] = ..., decision: _Optional[str] = ..., since: _Optional[str] = ..., until: _Optional[str] = ..., run_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
 class ListCommandsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,11 @@ class AgentStub:
                 request_serializer=cmdgate_dot_v1_dot_agent__pb2.ListCommandsRequest.SerializeToString,
                 response_deserializer=cmdgate_dot_v1_dot_agent__pb2.ListCommandsResponse.FromString,
                 _registered_method=True)
+        self.AuditQuery = channel.unary_stream(
+                '/cmdgate.v1.Agent/AuditQuery',
+                request_serializer=cmdgate_dot_v1_dot_agent__pb2.AuditQueryRequest.SerializeToString,
+                response_deserializer=cmdgate_dot_v1_dot_agent__pb2.AuditRecord.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -67,6 +72,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditQuery(self, request, context):
+        """Streams the agent's own audit records that match, oldest first. Needs a
+        token whose audit claim (`[auth] audit_claim`) is true; being allowed to
+        run commands is not enough. The query itself is audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListCommands,
                     request_deserializer=cmdgate_dot_v1_dot_agent__pb2.ListCommandsRequest.FromString,
                     response_serializer=cmdgate_dot_v1_dot_agent__pb2.ListCommandsResponse.SerializeToString,
+            ),
+            'AuditQuery': grpc.unary_stream_rpc_method_handler(
+                    servicer.AuditQuery,
+                    request_deserializer=cmdgate_dot_v1_dot_agent__pb2.AuditQueryRequest.FromString,
+                    response_serializer=cmdgate_dot_v1_dot_agent__pb2.AuditRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +154,33 @@ class Agent:
             '/cmdgate.v1.Agent/ListCommands',
             cmdgate_dot_v1_dot_agent__pb2.ListCommandsRequest.SerializeToString,
             cmdgate_dot_v1_dot_agent__pb2.ListCommandsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditQuery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cmdgate.v1.Agent/AuditQuery',
+            cmdgate_dot_v1_dot_agent__pb2.AuditQueryRequest.SerializeToString,
+            cmdgate_dot_v1_dot_agent__pb2.AuditRecord.FromString,
             options,
             channel_credentials,
             insecure,

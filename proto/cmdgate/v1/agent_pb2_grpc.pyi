@@ -46,6 +46,11 @@ class AgentStub:
     """The commands this caller may run on this host: the token's whitelist
     claim intersected with the host's allowlist.
     """
+    AuditQuery: _grpc.UnaryStreamMultiCallable[_agent_pb2.AuditQueryRequest, _agent_pb2.AuditRecord]
+    """Streams the agent's own audit records that match, oldest first. Needs a
+    token whose audit claim (`[auth] audit_claim`) is true; being allowed to
+    run commands is not enough. The query itself is audited.
+    """
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -59,6 +64,11 @@ class AgentAsyncStub(AgentStub):
     ListCommands: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListCommandsRequest, _agent_pb2.ListCommandsResponse]  # type: ignore[assignment]
     """The commands this caller may run on this host: the token's whitelist
     claim intersected with the host's allowlist.
+    """
+    AuditQuery: _aio.UnaryStreamMultiCallable[_agent_pb2.AuditQueryRequest, _agent_pb2.AuditRecord]  # type: ignore[assignment]
+    """Streams the agent's own audit records that match, oldest first. Needs a
+    token whose audit claim (`[auth] audit_claim`) is true; being allowed to
+    run commands is not enough. The query itself is audited.
     """
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
@@ -82,6 +92,17 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.ListCommandsResponse, _abc.Awaitable[_agent_pb2.ListCommandsResponse]]:
         """The commands this caller may run on this host: the token's whitelist
         claim intersected with the host's allowlist.
+        """
+
+    @_abc_1.abstractmethod
+    def AuditQuery(
+        self,
+        request: _agent_pb2.AuditQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.AuditRecord], _abc.AsyncIterator[_agent_pb2.AuditRecord]]:
+        """Streams the agent's own audit records that match, oldest first. Needs a
+        token whose audit claim (`[auth] audit_claim`) is true; being allowed to
+        run commands is not enough. The query itself is audited.
         """
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,159 @@
+"""BENCHMARKS.md and the latency plot: the figures, the machine, the versions, the date."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import psutil
+from figures import Figure
+
+import cmdgate
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the run was: mode, the ssh baseline (or why there is none), and its login shell."""
+
+    mode: str
+    ssh_version: str | None
+    ssh_skipped_because: str | None
+    ssh_login: str | None
+    ssh_cipher: str | None
+    elapsed_seconds: float
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision(repo: Path) -> str:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" with uncommitted changes" if dirty else "")
+
+
+def _verdict(met: bool | None) -> str:
+    if met is None:
+        return "—"
+    return "yes" if met else "**no**"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def write_markdown(
+    path: Path,
+    figures: Sequence[Figure],
+    setting: Setting,
+    plot: Path | None,
+    repo: Path,
+) -> None:
+    """Write the report to ``path``; ``plot`` is linked relative to it."""
+    memory = psutil.virtual_memory().total / (1 << 30)
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmarks: cmdgate next to OpenSSH",
+        "",
+        f"Written by `bench/run.py` ({setting.mode} run, {setting.elapsed_seconds / 60:.1f} min) "
+        f"on {now}. Client, agent and sshd share one machine and talk over loopback. "
+        "How to run it and what each figure means: [bench/README.md]"
+        f"({os.path.relpath(repo / 'bench' / 'README.md', path.parent)}).",
+        "",
+        "| # | figure | cmdgate | ssh | ratio (cmdgate ÷ ssh) | target | met? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        cells = [str(f.number), f.title, f.cmdgate, f.ssh, f.ratio, f.target, _verdict(f.met)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "## Notes", ""]
+    for f in figures:
+        for note in f.notes:
+            lines.append(f"- **{f.number}.** {note}")
+    lines.append("")
+    if setting.ssh_skipped_because:
+        lines += [f"ssh columns skipped: {setting.ssh_skipped_because}", ""]
+    else:
+        lines += [
+            f"The ssh baseline is a private sshd on a loopback port with throwaway ed25519 keys, "
+            f"logging in {setting.ssh_login}; default algorithms "
+            f"(server-to-client cipher negotiated: `{setting.ssh_cipher}`).",
+            "",
+        ]
+    if plot is not None:
+        relative = os.path.relpath(plot, path.parent)
+        lines += [
+            "## Latency distributions (items 1 and 2)",
+            "",
+            f"![latency CDFs]({relative})",
+            "",
+        ]
+    lines += [
+        "## Machine and versions",
+        "",
+        f"- CPU: {_cpu_model()}, {psutil.cpu_count(logical=True)} logical cores "
+        f"({psutil.cpu_count(logical=False) or '?'} physical)",
+        f"- memory: {memory:.1f} GiB",
+        f"- kernel: {platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()} ({platform.python_implementation()})",
+        f"- grpcio {grpc.__version__}",
+        f"- OpenSSH: {setting.ssh_version or 'not installed'}",
+        f"- cmdgate {cmdgate.__version__}, git {_git_revision(repo)}",
+        f"- date: {now}",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, panels: Sequence[tuple[str, Mapping[str, Sequence[float]]]]) -> None:
+    """Latency CDFs side by side, one panel per (title, {label: seconds})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels, strict=True):
+        for label, seconds in series.items():
+            if not seconds:
+                continue
+            xs = sorted(s * 1000 for s in seconds)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("round trip, ms (log scale)")
+        ax.set_ylabel("fraction of runs ≤ x")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
