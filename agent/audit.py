@@ -222,27 +222,18 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
-            head, since = _ChainHead(self._head.seq, self._head.hash), self._since_checkpoint
-            lines: list[bytes] = []
-            for item in batch:
-                if item.fields is None:
-                    lines.append(self._chain(head, self._checkpoint_fields(item.reason)))
-                    since = 0
-                    continue
-                lines.append(self._chain(head, item.fields))
-                since += 1
-                if since >= self.config.checkpoint_every_records:
-                    lines.append(self._chain(head, self._checkpoint_fields("records")))
-                    since = 0
-            data = b"".join(lines)
-            rotate = self._needs_rotation(len(data))
+            head = _ChainHead(self._head.seq, self._head.hash)
+            lines, since = self._chain_batch(batch, head)
             final = b""
-            if rotate:
+            if self._needs_rotation(sum(map(len, lines))):
                 # the old file ends with a signed checkpoint, so a cut tail shows there too
+                head = _ChainHead(self._head.seq, self._head.hash)
                 final = self._chain(head, self._checkpoint_fields("rotate", final=True))
-                data = final + data
+                lines, since = self._chain_batch(batch, head)
             try:
-                await loop.run_in_executor(None, self._write_batch, data, len(final))
+                await loop.run_in_executor(
+                    None, self._write_batch, final + b"".join(lines), len(final)
+                )
             except OSError as e:
                 log.error("audit write to %s failed: %s", self.path, e)
                 error = OSError(e.errno, f"audit log {self.path}: {e.strerror}")
@@ -255,7 +246,24 @@ class AuditLog:
                 if item.future is not None and not item.future.done():
                     item.future.set_result(None)
             if self.config.log_records:
-                self._log_records(lines)
+                self._log_records([final, *lines] if final else lines)
+
+    def _chain_batch(self, batch: list[_Pending], head: _ChainHead) -> tuple[list[bytes], int]:
+        """The batch's lines chained after ``head`` (which advances), with the checkpoints
+        that fall due; and how many records then follow the last checkpoint."""
+        since = self._since_checkpoint
+        lines: list[bytes] = []
+        for item in batch:
+            if item.fields is None:
+                lines.append(self._chain(head, self._checkpoint_fields(item.reason)))
+                since = 0
+                continue
+            lines.append(self._chain(head, item.fields))
+            since += 1
+            if since >= self.config.checkpoint_every_records:
+                lines.append(self._chain(head, self._checkpoint_fields("records")))
+                since = 0
+        return lines, since
 
     def _chain(self, head: _ChainHead, fields: dict[str, Any]) -> bytes:
         """Give ``fields`` the next seq and the link to ``head``; advance ``head``."""

@@ -36,7 +36,7 @@ from agents import (
 )
 from grpc import aio
 from openssh import SshEndpoint, start_master
-from processes import Processes, free_ports, run_quietly
+from processes import Processes, free_ports, run_quietly, wait_exact
 
 from cmdgate.client import Exited, Output
 from cmdgate.shared.wire import AUTHORIZATION_KEY, BEARER_PREFIX
@@ -439,7 +439,7 @@ def _stream_ssh(ssh: SshEndpoint) -> tuple[float, int]:
             received += len(chunk)
     finally:
         process.stdout.close()
-        code = process.wait(600)
+        code = wait_exact(process, 600)
     elapsed = time.perf_counter() - start
     _check(code == 0, f"ssh head exited {code}")
     return elapsed, received
@@ -590,7 +590,14 @@ def fanout(
 
         def run(argv: list[str]) -> Callable[[], None]:
             def go() -> None:
-                _check(run_quietly(argv, env) == 0, f"{' '.join(argv[1:3])}... did not exit 0")
+                if run_quietly(argv, env) != 0:
+                    again = subprocess.run(
+                        argv, env=env, capture_output=True, text=True, check=False, timeout=120
+                    )
+                    raise RuntimeError(
+                        f"cmdgate run to {argv[2].count(',') + 1} agent(s) failed; "
+                        f"again: exit {again.returncode}: {again.stderr.strip()[-3000:]}"
+                    )
 
             return go
 

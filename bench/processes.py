@@ -10,6 +10,8 @@ goes, so that nothing they forked outlives the run.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
 import socket
 import subprocess
@@ -21,6 +23,8 @@ from pathlib import Path
 import psutil
 
 STOP_GRACE_SECONDS = 15.0
+# a benchmark run that takes longer than this has hung
+RUN_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -145,12 +149,32 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def run_quietly(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
     """Run ``argv`` to completion with no stdin and output discarded; return its exit code."""
-    return subprocess.run(
+    process = subprocess.Popen(
         list(argv),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
-        check=False,
-        timeout=120,
-    ).returncode
+    )
+    return wait_exact(process, RUN_TIMEOUT_SECONDS)
+
+
+def wait_exact(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wait for ``process`` to exit, waking the moment it does; kill it after ``timeout``.
+
+    ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which would round every
+    timing up; a pidfd becomes readable exactly when the process exits.
+    """
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        return process.wait(timeout)
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not readable:
+        process.kill()
+        process.wait()
+        raise subprocess.TimeoutExpired(process.args, timeout)
+    return process.wait()

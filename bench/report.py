@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -139,6 +140,15 @@ def write_plot(path: Path, panels: Sequence[tuple[str, Mapping[str, Sequence[flo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    def major(value: float, _: int) -> str:
+        return f"{value:g}"
+
+    def minor(value: float, _: int) -> str:
+        # label 2 and 5 of each decade; the others stay unlabelled ticks
+        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+        return f"{value:g}" if round(mantissa) in (2, 5) else ""
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels, strict=True):
@@ -149,6 +159,8 @@ def write_plot(path: Path, panels: Sequence[tuple[str, Mapping[str, Sequence[flo
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
             ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(major))
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor))
         ax.set_xlabel("round trip, ms (log scale)")
         ax.set_ylabel("fraction of runs ≤ x")
         ax.set_title(title, fontsize=10)

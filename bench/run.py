@@ -62,7 +62,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--py-spy",
         type=Path,
         metavar="FILE",
-        help="record the main agent with py-spy (all threads) into FILE (speedscope JSON)",
+        help="record the main agent with py-spy into FILE "
+        "(.svg flame graph, .json speedscope, otherwise collapsed stacks)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (logs, audit, configs)"
@@ -122,25 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent = start_agent(lab, lab.config, port, processes, wrapper)
         _say(f"agent up on 127.0.0.1:{port} (pid {agent.process.pid}), lab in {lab.root}")
         if args.py_spy:
-            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            processes.start(
-                "py-spy",
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(agent.process.pid),
-                    "--format",
-                    "speedscope",
-                    "--output",
-                    str(args.py_spy.resolve()),
-                    "--rate",
-                    "200",
-                    "--threads",
-                ],
-                workdir / "py-spy.log",
-                stop_signal=signal.SIGINT,
-            )
+            _record_with_py_spy(args.py_spy.resolve(), agent.process.pid, processes, workdir)
         time.sleep(1.0)
         idle_rss = agent.rss_bytes()
 
@@ -207,6 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{(time.monotonic() - started) / 60:.1f} min"
     )
     return 0
+
+
+def _record_with_py_spy(output: Path, pid: int, processes: Processes, workdir: Path) -> None:
+    """Sample the agent (the thread holding the GIL) until it is stopped."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    formats = {".svg": "flamegraph", ".json": "speedscope", ".txt": "raw"}
+    argv = [spy, "record", "--pid", str(pid), "--rate", "200", "--threads", "--gil"]
+    argv += ["--format", formats.get(output.suffix, "raw"), "--output", str(output)]
+    # py-spy writes its profile when interrupted
+    processes.start("py-spy", argv, workdir / "py-spy.log", stop_signal=signal.SIGINT)
 
 
 def _describe_login(ssh: SshEndpoint) -> str:

@@ -7,16 +7,18 @@ raise typed exceptions; a command's non-zero exit is a result, not an error
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import grpc
 
+from cmdgate.shared.auditlog import AuditFilter
 from cmdgate.shared.wire import AUTHORIZATION_KEY, BEARER_PREFIX, is_loopback, parse_target
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
@@ -300,6 +302,32 @@ class Client:
         if check and not result.ok:
             raise CommandFailed(result)
         return result
+
+    def audit_query(
+        self, wanted: AuditFilter | None = None, *, limit: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """The agent's own audit records matching ``wanted``, oldest first (the newest
+        ``limit``). Needs a token whose audit claim is true."""
+        wanted = wanted or AuditFilter()
+        request = agent_pb2.AuditQueryRequest(
+            sub=wanted.sub,
+            command=wanted.command,
+            decision=wanted.decision,
+            since=wanted.since,
+            until=wanted.until,
+            run_id=wanted.run_id,
+            limit=limit,
+        )
+        call = self._stub.AuditQuery(
+            request, metadata=self._metadata, timeout=_LIST_DEADLINE_SECONDS
+        )
+        try:
+            for record in call:
+                yield json.loads(record.json)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        finally:
+            call.cancel()
 
     def list_commands(self) -> list[CommandInfo]:
         """The commands this token may run on this agent, with their parameters."""

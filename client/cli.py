@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import json
 import math
 import os
@@ -132,7 +133,55 @@ def _build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--cmds", required=True, help="commands it may run: a,b,c")
     mint.add_argument("--ttl", default="15m", help="lifetime, e.g. 90s, 15m, 1h (default 15m)")
     mint.add_argument("--claim", default="cmds", help="name of the whitelist claim")
+    mint.add_argument(
+        "--audit", action="store_true", help="also let it read audit logs (AuditQuery)"
+    )
+    mint.add_argument(
+        "--audit-claim", default="cmdgate_audit", help="name of the audit permission claim"
+    )
+    _add_audit_parser(sub)
     return parser
+
+
+def _add_audit_parser(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="verify, query and summarise audit logs")
+    actions = audit.add_subparsers(
+        dest="audit_action", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    verify = actions.add_parser(
+        "verify",
+        help="check the hash chain, seq continuity and checkpoint signatures",
+        description="Check audit log FILEs (rotated ones in any order) and name the first "
+        "bad line. Exit 0 when all holds, 1 otherwise.",
+    )
+    verify.add_argument("files", metavar="FILE", nargs="+")
+    verify.add_argument(
+        "--pubkey",
+        metavar="FILE",
+        help="the agent's audit public key (audit-key.pub in its state folder); "
+        "without it, checkpoint signatures are not checked",
+    )
+    verify.add_argument(
+        "--now", metavar="TIME", help="judge the last checkpoint's age as of TIME (RFC 3339)"
+    )
+    query = actions.add_parser(
+        "query", help="show matching records from FILEs, or from agents with --target"
+    )
+    query.add_argument("files", metavar="FILE", nargs="*")
+    for name, what in (("sub", "identity"), ("command", "command name"), ("run-id", "run id")):
+        query.add_argument(f"--{name}", default="", help=f"only this {what}")
+    query.add_argument("--decision", default="", choices=["", "allowed", "denied"])
+    query.add_argument("--since", default="", help="RFC 3339 time, or 15m, 2h, 7d back from now")
+    query.add_argument("--until", default="", help="RFC 3339 time, or a duration back from now")
+    query.add_argument("--limit", type=int, default=0, help="at most this many, the newest")
+    query.add_argument(
+        "--target", default="", help="ask these agents (host[:port],...) over AuditQuery"
+    )
+    _add_connection_options(query)
+    summary = actions.add_parser("summary", help="one row per identity (or per command)")
+    summary.add_argument("files", metavar="FILE", nargs="+")
+    summary.add_argument("--by", default="sub", choices=["sub", "command"])
+    summary.add_argument("--json", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list(args)
         if args.action == "keygen":
             return _keygen(args)
+        if args.action == "audit":
+            return _audit(args)
         return _mint(args)
     except UsageError as e:
         print(f"cmdgate: {e}", file=sys.stderr)
@@ -442,6 +493,7 @@ def _mint(args: argparse.Namespace) -> int:
     except KeyFileError as e:
         print(f"cmdgate: token mint: {e}", file=sys.stderr)
         return 1
+    extra = {args.audit_claim: True} if args.audit else None
     token = mint_token(
         key,
         kid=args.kid,
@@ -451,8 +503,176 @@ def _mint(args: argparse.Namespace) -> int:
         commands=commands,
         ttl_seconds=ttl,
         commands_claim=args.claim,
+        extra_claims=extra,
     )
     print(token)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if args.audit_action == "verify":
+        return _audit_verify(args)
+    if args.audit_action == "summary":
+        return _audit_summary(args)
+    return _audit_query(args)
+
+
+def _existing_files(names: Sequence[str]) -> list[Path]:
+    paths = [Path(n) for n in names]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    return paths
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from cmdgate.client.audit import verify_logs
+    from cmdgate.shared.auditlog import load_public_key, normalise_time
+
+    paths = _existing_files(args.files)
+    public_key = None
+    if args.pubkey:
+        try:
+            public_key = load_public_key(Path(args.pubkey).read_bytes())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--pubkey {args.pubkey}: {e}") from None
+    now = None
+    if args.now:
+        try:
+            now = datetime.datetime.fromisoformat(normalise_time(args.now).replace("Z", "+00:00"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    report = verify_logs(paths, public_key, now)
+    for note in report.notes:
+        print(f"cmdgate: note: {note}", file=sys.stderr)
+    if not report.ok:
+        print(f"cmdgate: audit verify: {report.problem}", file=sys.stderr)
+        return 1
+    signed = (
+        "checkpoint signatures verified"
+        if report.signatures_checked
+        else "checkpoint signatures NOT checked (give --pubkey)"
+    )
+    print(
+        f"OK: {report.files} file(s), {report.records} records "
+        f"(seq {report.first_seq}..{report.last_seq}), {report.checkpoints} checkpoints, "
+        f"{signed}; {report.unsigned_tail} record(s) after the last checkpoint"
+    )
+    return 0
+
+
+def _audit_filter(args: argparse.Namespace) -> Any:
+    from cmdgate.shared.auditlog import AuditFilter, normalise_time
+
+    try:
+        since = normalise_time(args.since) if args.since else ""
+        until = normalise_time(args.until) if args.until else ""
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return AuditFilter(args.sub, args.command, args.decision, since, until, args.run_id)
+
+
+def _audit_query(args: argparse.Namespace) -> int:
+    from cmdgate.client.audit import TABLE_COLUMNS, format_table, table_row
+
+    if args.limit < 0:
+        raise UsageError("--limit must not be negative")
+    if bool(args.files) == bool(args.target):
+        raise UsageError("give audit log FILEs, or --target to ask agents, not both")
+    wanted = _audit_filter(args)
+    if args.target:
+        hosts_records, status = _remote_audit(args, wanted)
+    else:
+        from cmdgate.client.audit import chain_order
+        from cmdgate.shared.auditlog import read_records
+
+        records = [
+            r for r in read_records(chain_order(_existing_files(args.files))) if wanted.matches(r)
+        ]
+        if args.limit:
+            records = records[-args.limit :]
+        hosts_records, status = [(None, r) for r in records], 0
+    if args.json:
+        for host, record in hosts_records:
+            print(json.dumps(record if host is None else {"host": host, **record}))
+    elif hosts_records or status == 0:
+        several = bool(args.target)
+        header = (("host",) if several else ()) + TABLE_COLUMNS
+        rows = [table_row(r, host if several else None) for host, r in hosts_records]
+        print(format_table(header, rows))
+    return status
+
+
+def _remote_audit(
+    args: argparse.Namespace, wanted: Any
+) -> tuple[list[tuple[str | None, dict[str, Any]]], int]:
+    """Ask every target at once, merge the records by time; a failed host makes the exit 1."""
+    from cmdgate.client.api import ClientError
+
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    token = _read_token(args)
+    clients = [_client(args, target, token) for target in targets]
+
+    def ask(i: int) -> list[dict[str, Any]] | ClientError:
+        try:
+            return list(clients[i].audit_query(wanted, limit=args.limit))
+        except ClientError as e:
+            _error_line(targets[i], e)
+            return e
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(64, len(targets))) as pool:
+            answers = list(pool.map(ask, range(len(targets))))
+    finally:
+        for client in clients:
+            client.close()
+    merged: list[tuple[str | None, dict[str, Any]]] = []
+    for target, answer in zip(targets, answers, strict=True):
+        if not isinstance(answer, ClientError):
+            merged.extend((target, record) for record in answer)
+    merged.sort(key=lambda pair: str(pair[1].get("ts", "")))
+    failures = [a for a in answers if isinstance(a, ClientError)]
+    if len(targets) == 1 and failures:
+        return merged, exit_code_for(failures[0])
+    return merged, 1 if failures else 0
+
+
+def _audit_summary(args: argparse.Namespace) -> int:
+    from cmdgate.client.audit import chain_order, format_table, summarise
+    from cmdgate.shared.auditlog import read_records
+
+    rows = summarise(read_records(chain_order(_existing_files(args.files))), by=args.by)
+    other = "commands" if args.by == "sub" else "identities"
+    if args.json:
+        for key, row in sorted(rows.items()):
+            print(
+                json.dumps(
+                    {
+                        args.by: key,
+                        "allowed": row.allowed,
+                        "denied": row.denied,
+                        "failures": row.failures,
+                        other: sorted(row.others),
+                        "first_seen": row.first_seen,
+                        "last_seen": row.last_seen,
+                    }
+                )
+            )
+        return 0
+    header = (args.by, "allowed", "denied", "failures", other, "first seen", "last seen")
+    table = [
+        [
+            key,
+            str(r.allowed),
+            str(r.denied),
+            str(r.failures),
+            str(len(r.others)),
+            r.first_seen[:19],
+            r.last_seen[:19],
+        ]
+        for key, r in sorted(rows.items())
+    ]
+    print(format_table(header, table))
     return 0
 
 

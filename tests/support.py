@@ -70,7 +70,12 @@ allow_leading_dash = true
 
 
 def agent_toml(
-    lab: LabPaths, keys: Keys, marker_dir: Path, audit_path: Path, extra: str = ""
+    lab: LabPaths,
+    keys: Keys,
+    marker_dir: Path,
+    audit_path: Path,
+    extra: str = "",
+    audit_extra: str = "",
 ) -> str:
     """A config with mTLS from the lab, the test issuer, and templates writing into marker_dir."""
     return f"""
@@ -91,6 +96,7 @@ max_token_lifetime_seconds = 3600
 
 [audit]
 path = {json.dumps(str(audit_path))}
+{audit_extra}
 
 [commands.touch]
 description = "create a marker file"
@@ -199,13 +205,18 @@ class Agent:
 
 
 def start_test_agent(
-    lab: LabPaths, keys: Keys, root: Path, extra: str = "", audit_path: Path | None = None
+    lab: LabPaths,
+    keys: Keys,
+    root: Path,
+    extra: str = "",
+    audit_path: Path | None = None,
+    audit_extra: str = "",
 ) -> Agent:
     marker_dir = root / "markers"
     marker_dir.mkdir(parents=True)
     audit = audit_path or root / "audit.jsonl"
     config = root / "agent.toml"
-    config.write_text(agent_toml(lab, keys, marker_dir, audit, extra))
+    config.write_text(agent_toml(lab, keys, marker_dir, audit, extra, audit_extra))
     thread = AgentThread(config)
     return Agent(thread, thread.target, audit, marker_dir, lab, keys)
 

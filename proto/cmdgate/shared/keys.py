@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,7 @@ def mint_token(
     ttl_seconds: int,
     commands_claim: str = "cmds",
     now: float | None = None,
+    extra_claims: Mapping[str, Any] | None = None,
 ) -> str:
     """A signed access token (``typ: at+jwt``) with a random ``jti``, for labs and small fleets."""
     issued_at = int(time.time() if now is None else now)
@@ -204,6 +205,7 @@ def mint_token(
         "exp": issued_at + ttl_seconds,
         "jti": secrets.token_urlsafe(16),
         commands_claim: list(commands),
+        **(extra_claims or {}),
     }
     headers = {"kid": kid, "typ": ACCESS_TOKEN_TYPE}
     return jwt.encode(claims, key, algorithm=algorithm_for_key(key), headers=headers)
