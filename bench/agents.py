@@ -156,9 +156,17 @@ def make_lab(root: Path, port: int) -> BenchLab:
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     lab_env = _read_client_env(root / "client.env")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CMDGATE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CMDGATE_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env.update(lab_env)
     env["CMDGATE_TOKEN_FILE"] = str(token_file)
+    # An installed cmdgate starts from cached bytecode; an editable one, in an
+    # environment that forbids writing it, would compile its modules on every run.
+    # A private cache keeps the comparison fair without writing into the repo.
+    env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
     return BenchLab(
         root=root,
         config=config,
