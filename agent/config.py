@@ -7,6 +7,7 @@ Request handling never touches TOML, files or keys: all of it is done here.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -30,8 +31,10 @@ from cmdgate.agent.templates import (
     PARAM_NAME_PATTERN,
     ArgTemplate,
     CommandTemplate,
+    Literal,
     ParamSpec,
     ParamType,
+    Placeholder,
     parse_arg_template,
     template_digest,
 )
@@ -352,6 +355,8 @@ def _load_template(name: str, table: _Table) -> CommandTemplate:
         table.fail("argv", f"argv[0] {executable!r} is not an existing executable file")
     args: list[ArgTemplate] = []
     for element in argv[1:]:
+        if "\0" in element:
+            table.fail("argv", "an element contains NUL")
         try:
             args.append(parse_arg_template(element))
         except ValueError as e:
@@ -359,6 +364,7 @@ def _load_template(name: str, table: _Table) -> CommandTemplate:
     params_table = table.table("params", default={})
     params = {p: _load_param(p, params_table.table(p)) for p in params_table.data}
     params_table.finish()
+    _refuse_dangling_flags(table, args, params)
     used = {n for arg in args for n in arg.names}
     for placeholder in sorted(used - set(params)):
         table.fail("argv", f"placeholder {{{placeholder}}} has no entry in params")
@@ -392,6 +398,28 @@ def _load_template(name: str, table: _Table) -> CommandTemplate:
     )
 
 
+def _refuse_dangling_flags(
+    table: _Table, args: list[ArgTemplate], params: Mapping[str, ParamSpec]
+) -> None:
+    """An optional parameter left out drops its own element. Were it a flag's value
+    (``-n``, ``{lines}``), the flag would stay and take the next element as its value."""
+    for before, arg in itertools.pairwise(args):
+        if len(arg.parts) != 1 or not isinstance(arg.parts[0], Placeholder) or before.names:
+            continue
+        name = arg.parts[0].name
+        flag = "".join(p.text for p in before.parts if isinstance(p, Literal))
+        spec = params.get(name)
+        if spec is None or spec.required or spec.default is not None:
+            continue
+        if flag.startswith("-") and flag != "--":
+            table.fail(
+                "argv",
+                f"optional {{{name}}} follows the flag {flag!r}: when it is left out the "
+                f"flag would take the next element; write '{flag}={{{name}}}' or give "
+                "a default",
+            )
+
+
 def _load_param(name: str, table: _Table) -> ParamSpec:
     if not PARAM_NAME_PATTERN.fullmatch(name):
         table.fail(None, f"parameter name must match ^{PARAM_NAME_PATTERN.pattern}$")
@@ -400,7 +428,10 @@ def _load_param(name: str, table: _Table) -> ParamSpec:
         param_type = ParamType(type_name)
     except ValueError:
         table.fail("type", f"{type_name!r} is not one of {[t.value for t in ParamType]}")
-    default = table.string("default", None)
+    raw_default = table.get("default", (str, int), None)
+    if isinstance(raw_default, int) and param_type is not ParamType.INT:
+        table.fail("default", "must be a string")
+    default = None if raw_default is None else str(raw_default)
     required = table.boolean("required", default is None)
     if required and default is not None:
         table.fail("required", "cannot be true when a default is given")
@@ -415,7 +446,8 @@ def _load_param(name: str, table: _Table) -> ParamSpec:
         case ParamType.STRING:
             source = table.string("pattern")
             try:
-                pattern = re.compile(source)
+                # ASCII: \d and \w mean what template authors expect, not any script's digits
+                pattern = re.compile(source, re.ASCII)
             except re.error as e:
                 table.fail("pattern", f"bad regular expression: {e}")
         case ParamType.ENUM:
@@ -433,8 +465,10 @@ def _load_param(name: str, table: _Table) -> ParamSpec:
         case ParamType.PATH:
             roots = table.string_list("under")
             for root in roots:
-                if not os.path.isabs(root):
-                    table.fail("under", f"{root!r} must be absolute")
+                if not os.path.isabs(root) or os.path.normpath(root) != root:
+                    table.fail("under", f"{root!r} must be an absolute, normalised path")
+                if not os.path.isdir(root):
+                    table.fail("under", f"{root!r} is not an existing folder")
             under = tuple(os.path.realpath(r) for r in roots)
     table.finish()
     spec = ParamSpec(

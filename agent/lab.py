@@ -134,12 +134,12 @@ LAB_TEMPLATES: tuple[_LabTemplate, ...] = (
     ),
     _LabTemplate(
         name="list-dir",
-        comment="A long listing of a folder under /var/log or /tmp.",
-        description="List a folder under /var/log or /tmp",
+        comment="A long listing of a folder under /var/log.",
+        description="List a folder under /var/log",
         argv=("/usr/bin/ls", "-la", "--", "{path}"),
         timeout_seconds=10,
         max_output_bytes=262144,
-        params={"path": {"type": "path", "under": ("/var/log", "/tmp")}},  # noqa: S108
+        params={"path": {"type": "path", "under": ("/var/log",)}},
     ),
     _LabTemplate(
         name="echo",

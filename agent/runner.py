@@ -121,10 +121,21 @@ class ProcessRun:
             )
         except OSError as e:
             raise SpawnFailed(f"{self.argv[0]}: {e.strerror}") from None
+        except ValueError as e:  # e.g. an embedded NUL
+            raise SpawnFailed(f"{self.argv[0]}: {e}") from None
         self._started_at = time.monotonic()
         proc = self._proc
         assert proc.stdout is not None and proc.stderr is not None
-        self._pidfd = os.pidfd_open(proc.pid)
+        try:
+            self._pidfd = os.pidfd_open(proc.pid)
+        except OSError as e:
+            # without a pidfd the run cannot be watched: it must not run unwatched
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+            raise SpawnFailed(f"pidfd_open: {e.strerror}") from None
         self._loop.add_reader(self._pidfd, self._on_leader_exit)
         for name, pipe in ((StreamName.STDOUT, proc.stdout), (StreamName.STDERR, proc.stderr)):
             fd = pipe.fileno()
@@ -154,9 +165,21 @@ class ProcessRun:
             self._close_stream(name)
         self._finish()
 
+    @property
+    def reaped(self) -> bool:
+        """True once the process has exited and been waited for."""
+        return self._reaped.is_set()
+
+    def kill_now(self) -> None:
+        """SIGKILL the process group at once (agent shutdown after the grace)."""
+        if self._end is None:
+            self._end = EndReason.CANCELLED
+        self._signal_group(signal.SIGKILL)
+
     def terminate(self, reason: EndReason) -> None:
         """SIGTERM the process group now and SIGKILL it after the grace; first reason wins."""
-        if self._end is None:
+        # a client that leaves while the last output drains did not cancel a finished run
+        if self._end is None and not (reason is EndReason.CANCELLED and self._reaped.is_set()):
             self._end = reason
         if self._reaped.is_set() or self._proc is None:
             return
@@ -233,7 +256,14 @@ class ProcessRun:
         self._reaped.set()
         for timer in self._timers:
             timer.cancel()
-        self._timers = [self._loop.call_later(EOF_GRACE_SECONDS, self._close_all_streams)]
+        self._timers = [self._loop.call_later(EOF_GRACE_SECONDS, self._on_eof_grace)]
+
+    def _on_eof_grace(self) -> None:
+        if self._paused:
+            # the client is slow, not the pipe: what is in it is still to be delivered
+            self._timers = [self._loop.call_later(EOF_GRACE_SECONDS, self._on_eof_grace)]
+            return
+        self._close_all_streams()
 
     def _close_all_streams(self) -> None:
         for name in list(self._open):

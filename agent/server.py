@@ -23,7 +23,7 @@ log = logging.getLogger("cmdgate.agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 _SERVER_OPTIONS = [
     # requests are small: a command name and a few parameters
-    ("grpc.max_receive_message_length", 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024),
     # room for one bearer token (capped at 8 KiB) and the usual headers
     ("grpc.max_metadata_size", 16 * 1024),
     ("grpc.so_reuseport", 0),
@@ -44,6 +44,8 @@ class RunningAgent:
         """Report NOT_SERVING, let calls in flight finish for ``grace`` seconds, then close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        # the grace is over: no command outlives the agent, and each run's end is recorded
+        await self.service.drain()
         await self.audit.close()
 
 

@@ -48,6 +48,9 @@ _PARAM_TYPES = {
     ParamType.PATH: agent_pb2.PARAM_TYPE_PATH,
 }
 MAX_REQUEST_ID_LENGTH = 128
+# Bounds on what a request can put into an audit record.
+MAX_RECORDED_LENGTH = 512
+MAX_RECORDED_PARAMS = 32
 MAX_AUDIT_QUERY_RECORDS = 10_000
 
 
@@ -69,6 +72,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, state: AgentState, audit: AuditLog) -> None:
         self.state = state
         self.audit = audit
+        self._runs: set[ProcessRun] = set()
+        self._endings: set[asyncio.Future[None]] = set()
 
     async def Run(
         self, request: agent_pb2.RunRequest, context: aio.ServicerContext[Any, Any]
@@ -78,7 +83,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         record["run_id"] = uuid.uuid4().hex
         known = state.config.commands.get(request.command)
         # secret parameter values never reach the log, whichever gate refuses the call
-        record["params"] = known.redact(request.params) if known else dict(request.params)
+        params = known.redact(request.params) if known else dict(request.params)
+        record["params"] = _capped_params(params)
         try:
             claims = self._authenticate(state, context, record)
             decision = decide(
@@ -108,8 +114,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             log.error("run %s: %s", record["run_id"], failure.detail)
             await context.abort(failure.status, failure.client_message)
         log.info(
-            "run %s: %s started %s pid %d", record["run_id"], record["sub"], template.name, run.pid
+            "run %s: %r started %s pid %d", record["run_id"], record["sub"], template.name, run.pid
         )
+        self._runs.add(run)
         completed = False
         try:
             yield agent_pb2.RunEvent(
@@ -125,11 +132,30 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 )
             completed = True
         finally:
+            # shielded: a second cancellation (the agent stopping) must not skip the kill
+            # or the record; stop() waits for these
+            ending = asyncio.ensure_future(self._end_run(run, record, completed))
+            self._endings.add(ending)
+            ending.add_done_callback(self._endings.discard)
+            await asyncio.shield(ending)
+        assert run.outcome is not None
+        yield agent_pb2.RunEvent(exited=_exited_event(run.outcome))
+
+    async def _end_run(self, run: ProcessRun, record: dict[str, Any], completed: bool) -> None:
+        try:
             if not completed:
                 await run.cancel()
             await self._write_finished(record, run.outcome, None)
-        assert run.outcome is not None
-        yield agent_pb2.RunEvent(exited=_exited_event(run.outcome))
+        finally:
+            self._runs.discard(run)
+
+    async def drain(self) -> None:
+        """After the server stopped: kill whatever still runs, and wait for every record."""
+        for run in list(self._runs):
+            if not run.reaped:
+                run.kill_now()
+        if self._endings:
+            await asyncio.gather(*self._endings, return_exceptions=True)
 
     async def ListCommands(
         self, request: agent_pb2.ListCommandsRequest, context: aio.ServicerContext[Any, Any]
@@ -263,17 +289,32 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             log.error("audit of run %s's end failed: %s", record["run_id"], e)
 
 
+def _capped(text: str, limit: int = MAX_RECORDED_LENGTH) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
+def _capped_params(params: dict[str, str]) -> dict[str, str]:
+    """What any caller, even one without a valid token, can make the audit record hold:
+    a bounded amount, so that nobody can fill the disk with denials."""
+    names = sorted(params)
+    shown = {_capped(k, 64): _capped(params[k]) for k in names[:MAX_RECORDED_PARAMS]}
+    if len(names) > MAX_RECORDED_PARAMS:
+        shown["..."] = f"(+{len(names) - MAX_RECORDED_PARAMS} more parameters)"
+    return shown
+
+
 def _base_record(
     context: aio.ServicerContext[Any, Any], command: str, request_id: str
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "run_id": None,
-        "request_id": request_id[:MAX_REQUEST_ID_LENGTH] or None,
+        "request_id": _capped(request_id, MAX_REQUEST_ID_LENGTH) or None,
         "sub": None,
         "iss": None,
         "jti": None,
         "peer": context.peer(),
-        "command": command,
+        "command": _capped(command, 128),
     }
     cert = _peer_certificate_sha256(context)
     if cert is not None:
@@ -310,7 +351,13 @@ def _effective_timeout(requested: float, template: CommandTemplate) -> float:
 
 def _peer_certificate_sha256(context: aio.ServicerContext[Any, Any]) -> str | None:
     pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
-    return None if pem is None else _certificate_sha256(pem)
+    if pem is None:
+        return None
+    try:
+        return _certificate_sha256(pem)
+    except ValueError:
+        # TLS accepted it; the record names it as unparseable rather than failing the call
+        return "unparseable"
 
 
 @functools.lru_cache(maxsize=1024)

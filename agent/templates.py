@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -104,9 +105,39 @@ class ParamSpec:
         resolved = os.path.realpath(value)
         for root in self.under:
             if resolved == root or resolved.startswith(root.rstrip("/") + "/"):
-                # the resolved path goes to argv, so a symlink cannot be swapped in later
+                self._refuse_swappable(resolved)
                 return resolved
         raise self._invalid(f"must stay under {list(self.under)} after resolving symlinks")
+
+    def _refuse_swappable(self, resolved: str) -> None:
+        """Refuse a path that someone else could swap for a symlink.
+
+        The check above holds at this moment only: whoever may rename entries in a
+        folder on the way could swap a symlink in before the command opens the path
+        (a time-of-check to time-of-use race). So every folder from / down to the
+        path's own folder must be writable by root or the agent alone, or be sticky
+        (like /tmp) with the entry below it owned by root or the agent.
+        """
+        child = resolved
+        while child != "/":
+            folder = os.path.dirname(child)
+            try:
+                st = os.lstat(folder)
+            except OSError:
+                raise self._invalid(f"folder {folder} cannot be examined") from None
+            trusted = (0, os.geteuid())
+            if st.st_mode & 0o022 or st.st_uid not in trusted:
+                sticky = st.st_mode & stat.S_ISVTX and st.st_uid in trusted
+                try:
+                    protected = sticky and os.lstat(child).st_uid in trusted
+                except OSError:
+                    protected = False
+                if not protected:
+                    raise self._invalid(
+                        f"{child} is in folder {folder}, which others may write, "
+                        "so it could be swapped for a symlink"
+                    )
+            child = folder
 
     def _invalid(self, rule: str) -> InvalidParameters:
         return InvalidParameters("PARAM_INVALID", f"parameter {self.name!r}: {rule}")

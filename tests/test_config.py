@@ -353,7 +353,10 @@ def test_good_command_names_load(site: Site, name: str) -> None:
             {"type": "enum", "values": []}, "values", "must not be empty", id="enum-empty"
         ),
         pytest.param(
-            {"type": "path", "under": ["srv"]}, "under", "must be absolute", id="path-relative-root"
+            {"type": "path", "under": ["srv"]},
+            "under",
+            "must be an absolute, normalised path",
+            id="path-relative-root",
         ),
         pytest.param({"type": "float"}, "type", "is not one of", id="unknown-type"),
         pytest.param(
