@@ -43,9 +43,11 @@ from cmdgate.shared.wire import AUTHORIZATION_KEY, BEARER_PREFIX
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
 MIB = 1 << 20
-# figure 7: RSS may wobble by this much between repeats and still count as "no growth"
-RSS_TOLERANCE_BYTES = 2 * MIB
-RSS_TOLERANCE_FRACTION = 0.02
+# Figure 7: the agent's RSS wobbles from one burst of 500 runs to the next (glibc arenas
+# of gRPC's threads; about +-8 MiB on a 2-core machine) without trending up. Growth is
+# the later half of the repeats against the earlier half, and counts past this much.
+RSS_TOLERANCE_BYTES = 8 * MIB
+RSS_TOLERANCE_FRACTION = 0.10
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Scale:
 
 
 QUICK = Scale(3, 100, 15, 3, 1.5, 2, 3, 6)
-FULL = Scale(5, 400, 60, 5, 3.0, 5, 5, 20)
+FULL = Scale(5, 400, 60, 5, 3.0, 5, 6, 20)
 
 
 @dataclass
@@ -437,9 +439,13 @@ def _stream_ssh(ssh: SshEndpoint) -> tuple[float, int]:
     try:
         while chunk := os.read(fd, MIB):
             received += len(chunk)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     finally:
         process.stdout.close()
-        code = wait_exact(process, 600)
+    code = wait_exact(process, 600)
     elapsed = time.perf_counter() - start
     _check(code == 0, f"ssh head exited {code}")
     return elapsed, received
@@ -545,9 +551,10 @@ def concurrent_sleeps(
         notes=[f"{repeats} repeats: " + ", ".join(f"{w:.2f} s" for w in walls) + "."],
         raw={"wall_s": walls},
     )
-    first, last = rss_after[0], rss_after[-1]
-    growth = last - first
-    allowed = max(RSS_TOLERANCE_BYTES, RSS_TOLERANCE_FRACTION * first)
+    half = len(rss_after) // 2
+    earlier, later = statistics.mean(rss_after[:half]), statistics.mean(rss_after[-half:])
+    growth = later - earlier
+    allowed = max(RSS_TOLERANCE_BYTES, RSS_TOLERANCE_FRACTION * earlier)
     seven = Figure(
         7,
         f"agent RSS when idle, and after each repeat of item 5 ({repeats} repeats)",
@@ -560,8 +567,9 @@ def concurrent_sleeps(
         growth <= allowed,
         notes=[
             f"Idle is right after start-up; {before_rss / MIB:.1f} MiB just before item 5 "
-            f"(after items 1–4). Growth from the first repeat to the last: "
-            f"{growth / MIB:+.1f} MiB (counted as none up to {allowed / MIB:.1f} MiB)."
+            f"(after items 1–4). Growth, mean of the last {half} repeats against the first "
+            f"{half}: {growth / MIB:+.1f} MiB (counted as growth past {allowed / MIB:.1f} MiB; "
+            f"spread between repeats {(max(rss_after) - min(rss_after)) / MIB:.1f} MiB)."
         ],
         raw={"idle_rss": idle_rss, "before_rss": before_rss, "rss_after": rss_after},
     )

@@ -160,21 +160,25 @@ def run_quietly(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
 
 
 def wait_exact(process: subprocess.Popen[bytes], timeout: float) -> int:
-    """Wait for ``process`` to exit, waking the moment it does; kill it after ``timeout``.
+    """Wait for ``process`` to exit, waking the moment it does; kill it after ``timeout``,
+    or when the wait is interrupted (Ctrl-C), so that it never outlives the harness.
 
     ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which would round every
     timing up; a pidfd becomes readable exactly when the process exits.
     """
     try:
-        pidfd = os.pidfd_open(process.pid)
-    except (AttributeError, OSError):
-        return process.wait(timeout)
-    try:
-        readable, _, _ = select.select([pidfd], [], [], timeout)
-    finally:
-        os.close(pidfd)
-    if not readable:
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            return process.wait(timeout)
+        try:
+            readable, _, _ = select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if not readable:
+            raise subprocess.TimeoutExpired(process.args, timeout)
+        return process.wait()
+    except BaseException:
         process.kill()
         process.wait()
-        raise subprocess.TimeoutExpired(process.args, timeout)
-    return process.wait()
+        raise

@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out.resolve() if args.out else None
     markdown = (out_dir or REPO) / "BENCHMARKS.md"
     plot = (out_dir or REPO / "bench") / "latency.png"
+    # also when started from a script, whose background jobs inherit SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     started = time.monotonic()

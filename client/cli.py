@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -63,19 +64,16 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca",
         metavar="FILE",
-        default=env("CMDGATE_CA"),
         help="CA certificate that signed the agent's (env CMDGATE_CA; default: the system's roots)",
     )
     parser.add_argument(
         "--cert",
         metavar="FILE",
-        default=env("CMDGATE_CERT"),
         help="client certificate for mTLS (env CMDGATE_CERT)",
     )
     parser.add_argument(
         "--key",
         metavar="FILE",
-        default=env("CMDGATE_KEY"),
         help="client key for mTLS (env CMDGATE_KEY)",
     )
     parser.add_argument(
@@ -185,6 +183,8 @@ def _add_audit_parser(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # like any Unix tool: `cmdgate ... | head` ends quietly when head has read enough
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _build_parser().parse_args(argv)
     try:
         if args.action == "run":
@@ -234,13 +234,29 @@ def _read_token(args: argparse.Namespace) -> str:
     return token
 
 
+def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """--ca, --cert and --key, or else CMDGATE_CA, CMDGATE_CERT and CMDGATE_KEY.
+
+    With --insecure the environment is not consulted: a shell that sourced a lab's
+    client.env can still talk to a plaintext loopback agent.
+    """
+    given = (args.ca, args.cert, args.key)
+    if args.insecure:
+        return given
+    env = os.environ.get
+    return (
+        args.ca or env("CMDGATE_CA"),
+        args.cert or env("CMDGATE_CERT"),
+        args.key or env("CMDGATE_KEY"),
+    )
+
+
 def _client(args: argparse.Namespace, target: str, token: str) -> Client:
     from cmdgate.client.api import Client
 
+    ca, cert, key = _tls_files(args)
     try:
-        return Client(
-            target, token=token, ca=args.ca, cert=args.cert, key=args.key, insecure=args.insecure
-        )
+        return Client(target, token=token, ca=ca, cert=cert, key=key, insecure=args.insecure)
     except (ValueError, OSError) as e:
         raise UsageError(f"{target}: {e}") from None
 
@@ -287,9 +303,9 @@ class _Printer:
         if self.as_json:
             return
         for stream, rest in self._partial.items():
-            if rest:
-                self._write(stream, rest + b"\n", final=True)
-                self._partial[stream] = b""
+            # a final flush also shows a multi-byte character the output cut in half
+            self._write(stream, rest + b"\n" if rest else b"", final=True)
+            self._partial[stream] = b""
 
     def _json(self, event: RunEvent) -> None:
         from cmdgate.client.api import Exited, Output, Started
@@ -406,12 +422,20 @@ def _run(args: argparse.Namespace) -> int:
             ):
                 print(f"cmdgate: {targets[0]}: {_describe(outcome)}", file=sys.stderr)
             return exit_code_for(outcome)
-        with ThreadPoolExecutor(max_workers=min(64, len(targets))) as pool:
-            outcomes = list(
-                pool.map(
-                    lambda i: _run_one(clients[i], args, params, printers[i]), range(len(targets))
-                )
-            )
+        pool = ThreadPoolExecutor(max_workers=min(64, len(targets)))
+        try:
+            futures = [
+                pool.submit(_run_one, clients[i], args, params, printers[i])
+                for i in range(len(targets))
+            ]
+            outcomes = [future.result() for future in futures]
+        except KeyboardInterrupt:
+            # closing the channels cancels every call, and each agent kills its command
+            for client in clients:
+                client.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     finally:
         for client in clients:
             client.close()
@@ -440,11 +464,14 @@ def _list(args: argparse.Namespace) -> int:
             json.dumps({"target": args.target, "commands": [asdict(c) for c in commands]}, indent=2)
         )
         return 0
+    from cmdgate.client.terminal import escape_controls
+
+    lines: list[str] = []
     if not commands:
-        print(f"{args.target}: this token may run nothing here")
+        lines.append(f"{args.target}: this token may run nothing here")
     for command in commands:
-        print(f"{command.name}  {command.description}".rstrip())
-        print(
+        lines.append(f"{command.name}  {command.description}".rstrip())
+        lines.append(
             f"    timeout {command.timeout_seconds:g}s, output up to "
             f"{command.max_output_bytes} bytes"
         )
@@ -460,7 +487,9 @@ def _list(args: argparse.Namespace) -> int:
                 if p.required
                 else (f"default {p.default!r}" if p.default is not None else "optional")
             )
-            print(f"    {p.name}={p.type.upper()}  {rule}; {need}")
+            lines.append(f"    {p.name}={p.type.upper()}  {rule}; {need}")
+    # what the agent says is remote text: it must not drive the terminal
+    print("\n".join(escape_controls(line) for line in lines))
     return 0
 
 

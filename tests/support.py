@@ -98,6 +98,10 @@ max_token_lifetime_seconds = 3600
 path = {json.dumps(str(audit_path))}
 {audit_extra}
 
+[commands.hostile]
+description = "remote text \\u001b]52;c;aGk=\\u0007\\u001b[2J end"
+argv = ["/bin/true"]
+
 [commands.touch]
 description = "create a marker file"
 argv = ["/usr/bin/touch", "--", "{{file}}"]

@@ -617,3 +617,35 @@ def test_killing_the_cli_kills_the_remote_command(cli: Cli, agent: Agent) -> Non
         return sleeping and finished["cancelled"] is True
 
     assert wait_until(cancelled)
+
+
+def test_list_escapes_what_the_agent_says(cli: Cli, agent: Agent) -> None:
+    token = cli.token_file(agent.token(["hostile"]))
+    done = cli("list", agent.target, *cli.tls, "--token-file", str(token))
+    assert done.code == 0, done.stderr
+    assert b"\x1b" not in done.stdout and b"\x07" not in done.stdout
+    assert b"remote text \\x1b]52;c;aGk=\\x07\\x1b[2J end" in done.stdout
+
+
+def test_insecure_ignores_tls_files_from_the_environment(cli: Cli, agent: Agent) -> None:
+    lab = agent.lab
+    env = {
+        "CMDGATE_CA": str(lab.ca_cert),
+        "CMDGATE_CERT": str(lab.client_cert),
+        "CMDGATE_KEY": str(lab.client_key),
+    }
+    token = cli.token_file()
+    # plaintext to a TLS agent cannot work, but it is tried: no usage error about the files
+    done = cli(
+        "run",
+        agent.target,
+        "probe",
+        "mode=exit",
+        "arg=0",
+        "--insecure",
+        "--token-file",
+        str(token),
+        env=env,
+    )
+    assert done.code == 255, done.stderr
+    assert "cannot be combined" not in done.stderr

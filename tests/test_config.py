@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cmdgate.agent.config import load_config
-from cmdgate.agent.errors import ConfigError
+from cmdgate.agent.errors import ConfigError, InvalidParameters
 from cmdgate.agent.templates import ParamType
 from cmdgate.shared.keys import keygen
 
@@ -548,3 +548,38 @@ def test_relative_paths_resolve_against_the_config_folder_not_the_cwd(
     assert config.server.tls_key_pem == b"etc key"
     assert config.audit.path == etc.resolve() / "log" / "audit.jsonl"
     assert config.audit.path.is_absolute()
+
+
+def test_an_optional_value_right_after_its_flag_is_refused(site: Site) -> None:
+    # left out, {lines} would vanish and "-n" would take "--" as its value
+    doc = with_command(
+        site,
+        [site.tool, "-n", "{lines}", "--"],
+        {"lines": {"type": "int", "min": 1, "required": False}},
+    )
+    assert_config_error(site.root, doc, "commands.show.argv", "follows the flag '-n'")
+
+
+def test_an_optional_value_joined_to_its_flag_loads(site: Site) -> None:
+    doc = with_command(
+        site,
+        [site.tool, "--lines={lines}"],
+        {"lines": {"type": "int", "min": 1, "required": False}},
+    )
+    template = load_config(write_config(site.root, doc)).commands["show"]
+    assert template.render({}).argv == (site.tool,)
+    assert template.render({"lines": "5"}).argv == (site.tool, "--lines=5")
+
+
+def test_an_int_default_may_be_a_toml_integer(site: Site) -> None:
+    doc = with_command(site, [site.tool, "{n}"], {"n": {"type": "int", "min": 0, "default": 20}})
+    template = load_config(write_config(site.root, doc)).commands["show"]
+    assert template.render({}).argv == (site.tool, "20")
+
+
+def test_patterns_are_ascii(site: Site) -> None:
+    doc = with_command(site, [site.tool, "{n}"], {"n": {"type": "string", "pattern": r"\d+"}})
+    spec = load_config(write_config(site.root, doc)).commands["show"].params["n"]
+    assert spec.validate("12") == "12"
+    with pytest.raises(InvalidParameters):
+        spec.validate("１２")

@@ -108,6 +108,12 @@ def test_authorization_metadata_must_be_exactly_one_bearer(
     assert (record["event"], record["reason"]) == ("run.denied", reason)
 
 
+def _flip_signature(token: str) -> str:
+    """The same token with the first character of its signature changed."""
+    head, signature = token.rsplit(".", 1)
+    return f"{head}.{'B' if signature[0] != 'B' else 'C'}{signature[1:]}"
+
+
 def _claims_case(agent: Agent, **overrides: Any) -> str:
     return sign(good_claims(**overrides), agent.keys.ed25519)
 
@@ -155,10 +161,7 @@ TOKEN_CASES: dict[str, tuple[Callable[[Agent], str], str]] = {
         lambda a: sign(good_claims(), a.keys.ed25519, {"kid": ES_KID}),
         "TOKEN_ALG_NOT_ALLOWED",
     ),
-    "bad signature": (
-        lambda a: a.token()[:-4] + ("AAAA" if not a.token().endswith("AAAA") else "BBBB"),
-        "TOKEN_SIGNATURE_INVALID",
-    ),
+    "bad signature": (lambda a: _flip_signature(a.token()), "TOKEN_SIGNATURE_INVALID"),
     "alg none": (
         lambda a: (
             f"{_b64(json.dumps({'alg': 'none', 'kid': KID}).encode())}."
@@ -364,3 +367,27 @@ def test_every_audit_record_is_one_line_even_with_newlines_in_input(agent: Agent
 def test_client_refuses_plaintext_to_a_remote_host() -> None:
     with pytest.raises(ValueError, match="non-loopback"):
         Client("10.0.0.1:7443", token="x.y.z", insecure=True)
+
+
+def test_an_unauthenticated_flood_cannot_grow_the_audit_much(agent: Agent) -> None:
+    before = agent.audit_path.stat().st_size
+    # just under the agent's 64 KiB request limit; control characters grow 6x once escaped
+    huge = {f"p{i}": "\x01" * 1000 for i in range(40)}
+    marker = _new_marker(agent)
+    with Client(
+        agent.target,
+        token="x.y.z",
+        ca=agent.lab.ca_cert,
+        cert=agent.lab.client_cert,
+        key=agent.lab.client_key,
+    ) as client:
+        for _ in range(5):
+            with pytest.raises(NotAuthenticated):
+                client.run("c" * 15000, huge)
+    grown = agent.audit_path.stat().st_size - before
+    # five records of at most 32 parameters of 512 characters each (escaped), plus the rest
+    assert grown < 5 * 32 * (6 * 512 + 100) + 5 * 4096
+    record = agent.last_audit()
+    assert record["reason"] == "TOKEN_MALFORMED"
+    assert len(record["command"]) < 200 and record["params"]["..."] == "(+8 more parameters)"
+    assert not marker.exists()

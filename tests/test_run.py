@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,8 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cmdgate.agent.lab import LabPaths
 from cmdgate.client import AgentUnavailable, Client, Exited, Output, Started
-from tests.support import Agent, pid_alive, wait_until
+from tests.support import Agent, Keys, pid_alive, start_test_agent, wait_until
 
 
 def test_exit_code_is_a_result_not_an_error(agent: Agent) -> None:
@@ -244,3 +246,78 @@ def test_client_without_certificate_is_refused_by_mtls(agent: Agent) -> None:
     ):
         client.run("touch", {"file": str(agent.marker("no-cert"))})
     assert not agent.marker("no-cert").exists()
+
+
+def test_cancel_kills_the_whole_group(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pid_file = tmp_path_factory.mktemp("cancel-tree") / "pids"
+    with agent.client() as client:
+        events = client.stream("probe", {"mode": "tree", "arg": str(pid_file)})
+        assert isinstance(next(events), Started)
+        assert isinstance(next(events), Output)  # "tree ready": the pids are written
+        events.close()
+    leader, child, escaped = (int(p) for p in pid_file.read_text().split())
+    try:
+        # both ignore SIGTERM: the SIGKILL after the grace gets them
+        assert wait_until(lambda: not pid_alive(leader) and not pid_alive(child), timeout=15)
+    finally:
+        if pid_alive(escaped):
+            os.kill(escaped, signal.SIGKILL)
+
+
+def test_a_slow_client_still_gets_every_byte(agent: Agent) -> None:
+    expected = bytes(range(256)) * 18560  # ~4.5 MiB: far more than the pipes and queue hold
+    with agent.client() as client:
+        events = client.stream("probe", {"mode": "binary", "arg": "18560"})
+        assert isinstance(next(events), Started)
+        time.sleep(2.5)  # the command has long exited; its output waits for us
+        rest = list(events)
+    exited = rest[-1]
+    assert isinstance(exited, Exited) and exited.exit_code == 0 and not exited.truncated
+    assert b"".join(e.data for e in rest if isinstance(e, Output)) == expected
+    assert exited.stdout_bytes == len(expected)
+
+
+def test_a_path_in_a_folder_others_may_write_is_refused(agent: Agent) -> None:
+    from cmdgate.client import InvalidParameters
+
+    shared = agent.marker_dir / "world-writable"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sticky = agent.marker_dir / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "owned-by-root").mkdir()
+    with agent.client() as client:
+        with pytest.raises(InvalidParameters, match="could be swapped"):
+            client.run("touch", {"file": str(shared / "x")})
+        assert not (shared / "x").exists()
+        # in a sticky folder, an entry owned by root cannot be renamed by others
+        assert client.run("touch", {"file": str(sticky / "owned-by-root" / "y")}).exit_code == 0
+        with pytest.raises(InvalidParameters, match="could be swapped"):
+            client.run("touch", {"file": str(sticky / "not-yet-there")})
+
+
+def test_stopping_the_agent_kills_and_records_runs_in_flight(
+    lab: LabPaths, keys: Keys, tmp_path: Path
+) -> None:
+    stopping = start_test_agent(lab, keys, tmp_path / "stop")
+    pid_file = tmp_path / "pids"
+    with stopping.client() as client:
+        events = client.stream("probe", {"mode": "tree", "arg": str(pid_file)})
+        started = next(events)
+        assert isinstance(started, Started) and isinstance(next(events), Output)
+        leader, child, escaped = (int(p) for p in pid_file.read_text().split())
+        try:
+            stopping.thread.stop()  # a grace of 1 s, then every run is killed
+            assert not pid_alive(leader) and not pid_alive(child)
+            finished = [
+                r
+                for r in stopping.audit()
+                if r["event"] == "run.finished" and r["run_id"] == started.run_id
+            ]
+            assert len(finished) == 1 and finished[0]["cancelled"] is True
+        finally:
+            if pid_alive(escaped):
+                os.kill(escaped, signal.SIGKILL)
