@@ -17,8 +17,6 @@ log = logging.getLogger("cmdgate.agent")
 
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 EXIT_USAGE = 64
-# How long calls in flight may run on after SIGTERM before they are cancelled.
-STOP_GRACE_SECONDS = 10.0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -47,6 +45,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:7443",
         help="the agent's listen address in the written config (default: %(default)s)",
     )
+    for action, what in (("install", "install and start the systemd service"),
+                         ("uninstall", "stop and remove the service; keep config and audit")):
+        installer = sub.add_parser(action, help=what)
+        installer.add_argument("--root", default="/", metavar="DIR",
+                               help="install below DIR instead of / (for images and tests)")
+        installer.add_argument("--dry-run", action="store_true",
+                               help="say what would be done, change nothing")
     return parser
 
 
@@ -62,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(load_config(args.config))
         if args.action == "check-config":
             return _check_config(load_config(args.config))
+        if args.action in ("install", "uninstall"):
+            from pathlib import Path
+
+            from cmdgate.agent import install
+
+            run = install.install if args.action == "install" else install.uninstall
+            return run(Path(args.root), dry_run=args.dry_run)
         return _init(args.dir, args.listen)
     except ConfigError as e:
         print(f"cmdgate-agent: {e}", file=sys.stderr)
@@ -69,24 +81,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(config: AgentConfig) -> int:
+    from cmdgate.agent.sdnotify import Notifier
     from cmdgate.agent.server import start_agent
+
+    notifier = Notifier()
 
     async def serve() -> None:
         agent = await start_agent(config)
+        notifier.ready(f"listening on port {agent.port}")
+        watchdog = asyncio.create_task(notifier.watchdog())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task[None]] = set()
 
-        def reopen_audit() -> None:
-            log.info("SIGHUP: reopening the audit log %s", config.audit.path)
-            agent.audit.reopen()
+        async def reload() -> None:
+            notifier.reloading()
+            await agent.reload(config.source)
+            notifier.ready()
 
-        # logrotate moves the file away, then signals
-        loop.add_signal_handler(signal.SIGHUP, reopen_audit)
+        def on_sighup() -> None:
+            # re-read the config and keys; reopen the audit file (logrotate)
+            log.info("SIGHUP: reloading %s", config.source)
+            task = asyncio.create_task(reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
-        log.info("stopping: calls in flight get %.0fs to finish", STOP_GRACE_SECONDS)
-        await agent.stop(STOP_GRACE_SECONDS)
+        notifier.stopping()
+        grace = agent.service.state.config.server.drain_grace_seconds
+        log.info("stopping: runs in flight get %gs to finish", grace)
+        await agent.stop()
+        watchdog.cancel()
         log.info("stopped")
 
     asyncio.run(serve())

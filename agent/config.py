@@ -61,6 +61,13 @@ class ServerConfig:
     client_ca_pem: bytes | None
     # The agent's own files: its audit signing key.
     state_dir: Path
+    # On SIGTERM, how long runs in flight may go on before they are killed.
+    drain_grace_seconds: float = 10.0
+    # Past either, a run is refused at once with RESOURCE_EXHAUSTED: no queue.
+    max_concurrent_runs: int = 256
+    max_runs_per_identity: int = 32
+    # HTTP/2 keepalive pings, so a long, silent command keeps its connection.
+    keepalive_seconds: float = 60.0
 
     @property
     def listen(self) -> str:
@@ -246,8 +253,31 @@ def _load_server(table: _Table, base: Path) -> ServerConfig:
     if not insecure and (cert is None or key is None):
         table.fail("tls_cert" if cert is None else "tls_key", "is required unless insecure = true")
     state_dir = _resolve(base, table.string("state_dir", "state"))
+    drain = _seconds(table, "drain_grace_seconds", 10.0, low=0.0, high=3600.0)
+    max_runs = table.integer("max_concurrent_runs", 256, low=1, high=100_000)
+    per_identity = table.integer("max_runs_per_identity", 32, low=1, high=100_000)
+    keepalive = _seconds(table, "keepalive_seconds", 60.0, low=1.0, high=7200.0)
     table.finish()
-    return ServerConfig(target.host, target.port, insecure, cert, key, client_ca, state_dir)
+    return ServerConfig(
+        target.host,
+        target.port,
+        insecure,
+        cert,
+        key,
+        client_ca,
+        state_dir,
+        drain,
+        max_runs,
+        per_identity,
+        keepalive,
+    )
+
+
+def _seconds(table: _Table, key: str, default: float, low: float, high: float) -> float:
+    value = float(table.get(key, (int, float), default))
+    if not (math.isfinite(value) and low <= value <= high):
+        table.fail(key, f"must be between {low:g} and {high:g} seconds")
+    return value
 
 
 def _load_auth(table: _Table, base: Path) -> AuthConfig:
@@ -325,9 +355,7 @@ def _load_audit(table: _Table, base: Path) -> AuditConfig:
     if 0 < max_bytes < 4096:
         table.fail("max_bytes", "must be 0 (never rotate) or at least 4096")
     every_records = table.integer("checkpoint_every_records", 1000, low=1)
-    every_seconds = float(table.get("checkpoint_every_seconds", (int, float), 60))
-    if not (math.isfinite(every_seconds) and 0.05 <= every_seconds <= 86400):
-        table.fail("checkpoint_every_seconds", "must be between 0.05 and 86400")
+    every_seconds = _seconds(table, "checkpoint_every_seconds", 60.0, low=0.05, high=86400.0)
     log_records = table.boolean("log_records", False)
     table.finish()
     return AuditConfig(path, max_bytes, every_records, every_seconds, log_records)

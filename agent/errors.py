@@ -68,6 +68,26 @@ class AuditUnavailable(CallDenied):
         super().__init__("AUDIT_UNAVAILABLE", detail)
 
 
+class RateLimited(CallDenied):
+    """Too many runs at once, on this agent or for this identity: refused at once, no queue."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_message = "too many runs in flight; try again later"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("RATE_LIMITED", detail)
+
+
+class AgentStopping(CallDenied):
+    """The agent is draining for a stop: new runs are refused."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    default_message = "the agent is stopping"
+
+    def __init__(self) -> None:
+        super().__init__("AGENT_STOPPING", "new runs are refused while the agent drains")
+
+
 class SpawnFailed(CallDenied):
     """The template was valid at load time but the process could not be started."""
 

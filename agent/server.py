@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -13,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cmdgate import __version__
 from cmdgate.agent.audit import AuditLog, load_or_create_audit_key
-from cmdgate.agent.config import AgentConfig
+from cmdgate.agent.config import AgentConfig, load_config
 from cmdgate.agent.errors import ConfigError
 from cmdgate.agent.service import AgentService, AgentState
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
@@ -21,13 +24,24 @@ from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 log = logging.getLogger("cmdgate.agent")
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
-_SERVER_OPTIONS = [
-    # requests are small: a command name and a few parameters
-    ("grpc.max_receive_message_length", 64 * 1024),
-    # room for one bearer token (capped at 8 KiB) and the usual headers
-    ("grpc.max_metadata_size", 16 * 1024),
-    ("grpc.so_reuseport", 0),
-]
+
+
+def server_options(config: AgentConfig) -> list[tuple[str, int]]:
+    keepalive_ms = int(config.server.keepalive_seconds * 1000)
+    return [
+        # requests are small: a command name and a few parameters
+        ("grpc.max_receive_message_length", 64 * 1024),
+        # room for one bearer token (capped at 8 KiB) and the usual headers
+        ("grpc.max_metadata_size", 16 * 1024),
+        ("grpc.so_reuseport", 0),
+        # a command may be silent for an hour: ping so that no middlebox drops the
+        # connection, and accept the client's pings at the same pace without a GOAWAY
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(keepalive_ms, 10_000)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 @dataclass
@@ -40,8 +54,53 @@ class RunningAgent:
     health: health.aio.HealthServicer
     audit: AuditLog
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Report NOT_SERVING, let calls in flight finish for ``grace`` seconds, then close."""
+    async def reload(self, path: Path) -> bool:
+        """Read the config again and swap it in whole; keep the old one if the new one is bad.
+
+        Runs in flight finish under the config they started with. The audit file is
+        reopened too. Returns whether the new config is in force.
+        """
+        self.audit.reopen()
+        loop = asyncio.get_running_loop()
+        try:
+            config = await loop.run_in_executor(None, load_config, path)
+        except ConfigError as e:
+            log.error("reload refused, the old config stays: %s", e)
+            with contextlib.suppress(OSError):
+                await self.audit.write(
+                    "config.reload_failed", {"reason": "CONFIG_INVALID", "detail": str(e)}
+                )
+            return False
+        old = self.service.state.config
+        for key in (
+            "listen_host",
+            "listen_port",
+            "insecure",
+            "tls_cert_pem",
+            "tls_key_pem",
+            "client_ca_pem",
+            "state_dir",
+            "keepalive_seconds",
+        ):
+            if getattr(old.server, key) != getattr(config.server, key):
+                log.warning("reload: server.%s changes only with a restart", key)
+        if old.audit != config.audit:
+            log.warning("reload: [audit] changes only with a restart")
+        self.service.state = AgentState.from_config(config)
+        with contextlib.suppress(OSError):
+            await self.audit.write(
+                "config.reloaded",
+                {"reason": "OK", "commands": sorted(config.commands)},
+            )
+        log.info("reloaded %s: %d command template(s)", path, len(config.commands))
+        return True
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new runs, let calls in flight finish for ``grace``
+        seconds (by default ``drain_grace_seconds``), then kill what still runs."""
+        if grace is None:
+            grace = self.service.state.config.server.drain_grace_seconds
+        self.service.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         # the grace is over: no command outlives the agent, and each run's end is recorded
@@ -84,7 +143,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         # a full disk need not keep the agent down: every run is refused until it has room
         log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
     service = AgentService(AgentState.from_config(config), audit)
-    server = aio.server(options=_SERVER_OPTIONS)
+    server = aio.server(options=server_options(config))
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -31,7 +31,14 @@ from grpc import aio
 from cmdgate.agent.audit import AuditLog
 from cmdgate.agent.config import AgentConfig
 from cmdgate.agent.decision import decide, permitted_commands
-from cmdgate.agent.errors import AuditUnavailable, CallDenied, InvalidParameters, NotPermitted
+from cmdgate.agent.errors import (
+    AgentStopping,
+    AuditUnavailable,
+    CallDenied,
+    InvalidParameters,
+    NotPermitted,
+    RateLimited,
+)
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
 from cmdgate.agent.templates import CommandTemplate, ParamSpec, ParamType
 from cmdgate.agent.tokens import TokenVerifier, VerifiedClaims, bearer_token, token_fingerprint
@@ -74,6 +81,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.audit = audit
         self._runs: set[ProcessRun] = set()
         self._endings: set[asyncio.Future[None]] = set()
+        # runs admitted and not yet ended, per identity: the limits count these
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self.draining = False
 
     async def Run(
         self, request: agent_pb2.RunRequest, context: aio.ServicerContext[Any, Any]
@@ -86,6 +96,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         params = known.redact(request.params) if known else dict(request.params)
         record["params"] = _capped_params(params)
         try:
+            if self.draining:
+                raise AgentStopping()
             claims = self._authenticate(state, context, record)
             decision = decide(
                 claims.claims,
@@ -100,19 +112,24 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             record["template_sha256"] = template.sha256
             rendered = template.render(request.params)
             timeout = _effective_timeout(request.timeout_seconds, template)
+            self._admit(state, claims.subject)
         except CallDenied as denial:
             await self._deny(context, "run.denied", record, denial)
         record["argv"] = list(rendered.audit_argv)
-        await self._write_allowed(context, "run.started", record)
         run = ProcessRun(
             rendered.argv, template.child_env(), template.cwd, timeout, template.max_output_bytes
         )
         try:
-            run.start()
-        except CallDenied as failure:
-            await self._write_finished(record, None, failure)
-            log.error("run %s: %s", record["run_id"], failure.detail)
-            await context.abort(failure.status, failure.client_message)
+            await self._write_allowed(context, "run.started", record)
+            try:
+                run.start()
+            except CallDenied as failure:
+                await self._write_finished(record, None, failure)
+                log.error("run %s: %s", record["run_id"], failure.detail)
+                await context.abort(failure.status, failure.client_message)
+        except BaseException:
+            self._release(claims.subject)
+            raise
         log.info(
             "run %s: %r started %s pid %d", record["run_id"], record["sub"], template.name, run.pid
         )
@@ -148,6 +165,27 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._write_finished(record, run.outcome, None)
         finally:
             self._runs.discard(run)
+            self._release(record["sub"])
+
+    def _admit(self, state: AgentState, subject: str) -> None:
+        """Count a run in, or refuse it at once: past either limit nothing waits in a queue."""
+        server = state.config.server
+        total = sum(self._in_flight.values())
+        if total >= server.max_concurrent_runs:
+            raise RateLimited(
+                f"{total} runs in flight, max_concurrent_runs is {server.max_concurrent_runs}"
+            )
+        if self._in_flight[subject] >= server.max_runs_per_identity:
+            raise RateLimited(
+                f"{self._in_flight[subject]} runs in flight for this identity, "
+                f"max_runs_per_identity is {server.max_runs_per_identity}"
+            )
+        self._in_flight[subject] += 1
+
+    def _release(self, subject: str) -> None:
+        self._in_flight[subject] -= 1
+        if self._in_flight[subject] <= 0:
+            del self._in_flight[subject]
 
     async def drain(self) -> None:
         """After the server stopped: kill whatever still runs, and wait for every record."""

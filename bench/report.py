@@ -61,6 +61,14 @@ def _git_revision(repo: Path) -> str:
     return head + (" with uncommitted changes" if dirty else "")
 
 
+def _readme_link(report: Path, repo: Path) -> str:
+    readme = repo / "bench" / "README.md"
+    if report.parent.resolve().is_relative_to(repo):
+        return f"[bench/README.md]({os.path.relpath(readme, report.parent)})"
+    # a report written outside the repo should not point into this machine's folders
+    return "`bench/README.md` in the cmdgate repository"
+
+
 def _verdict(met: bool | None) -> str:
     if met is None:
         return "—"
@@ -86,8 +94,7 @@ def write_markdown(
         "",
         f"Written by `bench/run.py` ({setting.mode} run, {setting.elapsed_seconds / 60:.1f} min) "
         f"on {now}. Client, agent and sshd share one machine and talk over loopback. "
-        "How to run it and what each figure means: [bench/README.md]"
-        f"({os.path.relpath(repo / 'bench' / 'README.md', path.parent)}).",
+        f"How to run it and what each figure means: {_readme_link(path, repo)}.",
         "",
         "| # | figure | cmdgate | ssh | ratio (cmdgate ÷ ssh) | target | met? |",
         "|---|---|---|---|---|---|---|",
