@@ -45,13 +45,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:7443",
         help="the agent's listen address in the written config (default: %(default)s)",
     )
-    for action, what in (("install", "install and start the systemd service"),
-                         ("uninstall", "stop and remove the service; keep config and audit")):
+    for action, what in (
+        ("install", "install and start the systemd service"),
+        ("uninstall", "stop and remove the service; keep config and audit"),
+    ):
         installer = sub.add_parser(action, help=what)
-        installer.add_argument("--root", default="/", metavar="DIR",
-                               help="install below DIR instead of / (for images and tests)")
-        installer.add_argument("--dry-run", action="store_true",
-                               help="say what would be done, change nothing")
+        installer.add_argument(
+            "--root",
+            default="/",
+            metavar="DIR",
+            help="install below DIR instead of / (for images and tests)",
+        )
+        installer.add_argument(
+            "--dry-run", action="store_true", help="say what would be done, change nothing"
+        )
     return parser
 
 

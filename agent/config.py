@@ -7,10 +7,12 @@ Request handling never touches TOML, files or keys: all of it is done here.
 
 from __future__ import annotations
 
+import grp
 import itertools
 import json
 import math
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -31,10 +33,12 @@ from cmdgate.agent.templates import (
     PARAM_NAME_PATTERN,
     ArgTemplate,
     CommandTemplate,
+    Limits,
     Literal,
     ParamSpec,
     ParamType,
     Placeholder,
+    RunAs,
     parse_arg_template,
     template_digest,
 )
@@ -48,6 +52,8 @@ MAX_LEEWAY_SECONDS = 60
 MAX_TIMEOUT_SECONDS = 24 * 3600
 _KEY_ALGORITHM_BY_CURVE = {"Ed25519": "EdDSA", "P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _MISSING: Any = object()
+CAP_SETGID = 6
+CAP_SETUID = 7
 
 
 @dataclass(frozen=True)
@@ -411,6 +417,8 @@ def _load_template(name: str, table: _Table) -> CommandTemplate:
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_SECONDS):
         table.fail("timeout_seconds", f"must be > 0 and at most {MAX_TIMEOUT_SECONDS}")
     max_output = table.integer("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES, low=1)
+    run_as = _load_run_as(table)
+    limits = _load_limits(table.table("limits", default={}))
     table.finish()
     return CommandTemplate(
         name=name,
@@ -423,7 +431,63 @@ def _load_template(name: str, table: _Table) -> CommandTemplate:
         timeout_seconds=timeout,
         max_output_bytes=max_output,
         sha256=template_digest(table.data),
+        run_as=run_as,
+        limits=limits,
     )
+
+
+def _load_run_as(table: _Table) -> RunAs | None:
+    user = table.string("user", None)
+    group = table.string("group", None)
+    if user is None and group is None:
+        return None
+    if user is None:
+        table.fail("group", "needs a user as well")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        table.fail("user", f"no such user {user!r}")
+    gid = entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            table.fail("group", f"no such group {group!r}")
+    if (entry.pw_uid, gid) != (os.geteuid(), os.getegid()) and not _can_switch_users():
+        table.fail("user", "running as another user needs root, or CAP_SETUID and CAP_SETGID")
+    groups = tuple(sorted(set(os.getgrouplist(user, gid))))
+    return RunAs(user, entry.pw_uid, gid, groups, entry.pw_dir)
+
+
+def _can_switch_users() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                effective = int(line.split()[1], 16)
+                return bool(effective & (1 << CAP_SETGID) and effective & (1 << CAP_SETUID))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+_MEMORY_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _load_limits(table: _Table) -> Limits:
+    pids = table.integer("pids", None, low=1, high=4_194_304)
+    memory = table.get("memory", (int, str), None)
+    if isinstance(memory, str):
+        match = re.fullmatch(r"([0-9]{1,12})([KMG]?)", memory)
+        if match is None:
+            table.fail("memory", 'must be bytes, or a number with K, M or G, e.g. "256M"')
+        memory = int(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+    if memory is not None and memory < 1024 * 1024:
+        table.fail("memory", "must be at least 1M")
+    cpu = table.integer("cpu", None, low=1, high=100_000)
+    table.finish()
+    return Limits(pids, memory, cpu)
 
 
 def _refuse_dangling_flags(

@@ -26,7 +26,9 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from cmdgate.agent.cgroups import RunCgroup
 from cmdgate.agent.errors import SpawnFailed
+from cmdgate.agent.templates import Limits, RunAs
 from cmdgate.shared.wire import MAX_CHUNK_BYTES
 
 KILL_GRACE_SECONDS = 2.0
@@ -76,8 +78,15 @@ class ProcessRun:
         cwd: str,
         timeout_seconds: float,
         max_output_bytes: int,
+        *,
+        run_as: RunAs | None = None,
+        cgroup: RunCgroup | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.argv = tuple(argv)
+        self.run_as = run_as
+        self.cgroup = cgroup
+        self.limits = limits or Limits()
         self.env = dict(env)
         self.cwd = cwd
         self.timeout_seconds = timeout_seconds
@@ -104,28 +113,64 @@ class ProcessRun:
         return self._proc.pid
 
     def start(self) -> None:
-        """Spawn the process; raise ``SpawnFailed`` if the kernel refuses."""
+        """Spawn the process, in its own cgroup where there is one; raise ``SpawnFailed``
+        if it cannot be started (or contained)."""
         try:
-            # No preexec_fn: it is unsafe with threads, and gRPC has threads.
-            self._proc = subprocess.Popen(
-                self.argv,
-                executable=self.argv[0],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self.env,
-                cwd=self.cwd,
-                close_fds=True,
-                start_new_session=True,
-                bufsize=0,
-            )
-        except OSError as e:
-            raise SpawnFailed(f"{self.argv[0]}: {e.strerror}") from None
-        except ValueError as e:  # e.g. an embedded NUL
-            raise SpawnFailed(f"{self.argv[0]}: {e}") from None
+            if self.cgroup is None:
+                self._proc = self._spawn()
+            else:
+                with self.cgroup.entered():
+                    self._proc = self._spawn()
+        except (OSError, ValueError) as e:  # ValueError: e.g. an embedded NUL
+            self._abandon()
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise SpawnFailed(f"{self.argv[0]}: {reason}") from None
+        if self.cgroup is not None:
+            try:
+                self.cgroup.limit(self.limits)
+            except OSError as e:
+                self._abandon()
+                raise SpawnFailed(f"cannot apply limits: {e.strerror}") from None
+        self._watch()
+
+    def _abandon(self) -> None:
+        """Kill and reap a child that cannot be run as it should (uncontained, unlimited)."""
+        proc = self._proc
+        if proc is not None:
+            if self.cgroup is not None:
+                self.cgroup.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        run_as = self.run_as
+        # No preexec_fn: it is unsafe with threads, and gRPC has threads.
+        return subprocess.Popen(
+            self.argv,
+            executable=self.argv[0],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            cwd=self.cwd,
+            close_fds=True,
+            start_new_session=True,
+            bufsize=0,
+            user=run_as.uid if run_as else None,
+            group=run_as.gid if run_as else None,
+            extra_groups=list(run_as.groups) if run_as else None,
+        )
+
+    def _watch(self) -> None:
         self._started_at = time.monotonic()
         proc = self._proc
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
         try:
             self._pidfd = os.pidfd_open(proc.pid)
         except OSError as e:
@@ -189,6 +234,12 @@ class ProcessRun:
         )
 
     def _signal_group(self, sig: signal.Signals) -> None:
+        """Signal the run: its cgroup (which nothing leaves) and its process group."""
+        if self.cgroup is not None:
+            if sig == signal.SIGKILL:
+                self.cgroup.kill()
+            else:
+                self.cgroup.signal_all(sig)
         # Only while the leader is unreaped: its pid, and so the group id, cannot be reused.
         if self._proc is None or self._reaped.is_set():
             return
@@ -246,9 +297,12 @@ class ProcessRun:
     def _on_leader_exit(self) -> None:
         assert self._proc is not None
         self._loop.remove_reader(self._pidfd)
-        # The leader is a zombie until waited for: kill what it left in its group first.
+        # The leader is a zombie until waited for: kill what it left in its group first,
+        # and in its cgroup whatever double-forked out of the group.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
         self._returncode = self._proc.wait()
         self._duration_ms = int((time.monotonic() - self._started_at) * 1000)
         os.close(self._pidfd)
@@ -274,6 +328,9 @@ class ProcessRun:
             return
         for timer in self._timers:
             timer.cancel()
+        if self.cgroup is not None:
+            # rmdir waits for the last killed process to leave: not on the event loop
+            self._loop.run_in_executor(None, self.cgroup.remove)
         code = self._returncode
         assert code is not None
         self.outcome = RunOutcome(

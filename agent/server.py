@@ -16,9 +16,11 @@ from grpc_reflection.v1alpha import reflection
 
 from cmdgate import __version__
 from cmdgate.agent.audit import AuditLog, load_or_create_audit_key
+from cmdgate.agent.cgroups import RunCgroups
 from cmdgate.agent.config import AgentConfig, load_config
 from cmdgate.agent.errors import ConfigError
 from cmdgate.agent.service import AgentService, AgentState
+from cmdgate.agent.templates import Limits
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("cmdgate.agent")
@@ -71,6 +73,15 @@ class RunningAgent:
                     "config.reload_failed", {"reason": "CONFIG_INVALID", "detail": str(e)}
                 )
             return False
+        try:
+            _check_limits(config, self.service.cgroups)
+        except ConfigError as e:
+            log.error("reload refused, the old config stays: %s", e)
+            with contextlib.suppress(OSError):
+                await self.audit.write(
+                    "config.reload_failed", {"reason": "CONFIG_INVALID", "detail": str(e)}
+                )
+            return False
         old = self.service.state.config
         for key in (
             "listen_host",
@@ -108,6 +119,17 @@ class RunningAgent:
         await self.audit.close()
 
 
+def _check_limits(config: AgentConfig, cgroups: RunCgroups | None) -> None:
+    """A template whose limits this host cannot enforce is refused, not run unlimited."""
+    for name, template in config.commands.items():
+        missing = "cgroup v2" if cgroups is None else cgroups.supports(template.limits)
+        if template.limits != Limits() and missing is not None:
+            raise ConfigError(
+                f"{config.source}: commands.{name}.limits: cannot be enforced here "
+                f"({missing} is not available to the agent)"
+            )
+
+
 def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
     """TLS credentials for ``[server]``, requiring client certificates when client_ca is set."""
     server = config.server
@@ -142,7 +164,9 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     except OSError as e:
         # a full disk need not keep the agent down: every run is refused until it has room
         log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
-    service = AgentService(AgentState.from_config(config), audit)
+    cgroups = RunCgroups.probe()
+    _check_limits(config, cgroups)
+    service = AgentService(AgentState.from_config(config), audit, cgroups)
     server = aio.server(options=server_options(config))
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

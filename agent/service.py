@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from grpc import aio
 
 from cmdgate.agent.audit import AuditLog
+from cmdgate.agent.cgroups import RunCgroups
 from cmdgate.agent.config import AgentConfig
 from cmdgate.agent.decision import decide, permitted_commands
 from cmdgate.agent.errors import (
@@ -38,9 +40,16 @@ from cmdgate.agent.errors import (
     InvalidParameters,
     NotPermitted,
     RateLimited,
+    SpawnFailed,
 )
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
-from cmdgate.agent.templates import CommandTemplate, ParamSpec, ParamType
+from cmdgate.agent.templates import (
+    CommandTemplate,
+    Limits,
+    ParamSpec,
+    ParamType,
+    RenderedArgv,
+)
 from cmdgate.agent.tokens import TokenVerifier, VerifiedClaims, bearer_token, token_fingerprint
 from cmdgate.shared.auditlog import AuditFilter, log_files, normalise_time, read_records
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
@@ -59,6 +68,8 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_RECORDED_LENGTH = 512
 MAX_RECORDED_PARAMS = 32
 MAX_AUDIT_QUERY_RECORDS = 10_000
+# A run's pids limit when its template sets none and the host can enforce one.
+DEFAULT_RUN_PIDS = 1024
 
 
 @dataclass(frozen=True)
@@ -76,9 +87,12 @@ class AgentState:
 class AgentService(agent_pb2_grpc.AgentServicer):
     """Implements ``cmdgate.v1.Agent``."""
 
-    def __init__(self, state: AgentState, audit: AuditLog) -> None:
+    def __init__(
+        self, state: AgentState, audit: AuditLog, cgroups: RunCgroups | None = None
+    ) -> None:
         self.state = state
         self.audit = audit
+        self.cgroups = cgroups
         self._runs: set[ProcessRun] = set()
         self._endings: set[asyncio.Future[None]] = set()
         # runs admitted and not yet ended, per identity: the limits count these
@@ -116,12 +130,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except CallDenied as denial:
             await self._deny(context, "run.denied", record, denial)
         record["argv"] = list(rendered.audit_argv)
-        run = ProcessRun(
-            rendered.argv, template.child_env(), template.cwd, timeout, template.max_output_bytes
-        )
         try:
             await self._write_allowed(context, "run.started", record)
             try:
+                run = self._new_run(template, rendered.argv, timeout, record["run_id"])
                 run.start()
             except CallDenied as failure:
                 await self._write_finished(record, None, failure)
@@ -166,6 +178,31 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             self._runs.discard(run)
             self._release(record["sub"])
+
+    def _new_run(
+        self, template: CommandTemplate, argv: RenderedArgv, timeout: float, run_id: str
+    ) -> ProcessRun:
+        cgroup = None
+        limits = template.limits
+        if self.cgroups is not None:
+            try:
+                cgroup = self.cgroups.create(run_id)
+            except OSError as e:
+                # contained or not at all
+                raise SpawnFailed(f"cannot create the run's cgroup: {e.strerror}") from None
+            if limits.pids is None and self.cgroups.supports(Limits(pids=1)) is None:
+                # every run is bounded in processes (a fork bomb stops here)
+                limits = dataclasses.replace(limits, pids=DEFAULT_RUN_PIDS)
+        return ProcessRun(
+            argv,
+            template.child_env(),
+            template.cwd,
+            timeout,
+            template.max_output_bytes,
+            run_as=template.run_as,
+            cgroup=cgroup,
+            limits=limits,
+        )
 
     def _admit(self, state: AgentState, subject: str) -> None:
         """Count a run in, or refuse it at once: past either limit nothing waits in a queue."""

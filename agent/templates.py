@@ -215,6 +215,26 @@ RenderedArgv = tuple[str, ...]
 
 
 @dataclass(frozen=True)
+class Limits:
+    """A template's resource limits for its run's cgroup; None leaves one unlimited."""
+
+    pids: int | None = None
+    memory_bytes: int | None = None
+    cpu_percent: int | None = None  # of one CPU: 50 is half a CPU, 200 is two
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user a template's command runs as, resolved at load time."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
+@dataclass(frozen=True)
 class RenderedCommand:
     """The argv to run, and the same argv as the audit may show it (secrets hashed)."""
 
@@ -241,6 +261,8 @@ class CommandTemplate:
     max_output_bytes: int
     # SHA-256 of the template as loaded, so audit records name exactly what ran.
     sha256: str = field(default="")
+    run_as: RunAs | None = None
+    limits: Limits = field(default_factory=Limits)
 
     def render(self, request_params: Mapping[str, str]) -> RenderedCommand:
         """Validate ``request_params`` and build the argv, or raise ``InvalidParameters``.
@@ -285,8 +307,12 @@ class CommandTemplate:
         }
 
     def child_env(self) -> dict[str, str]:
-        """The child's whole environment: a minimal PATH and LANG, then the template's env."""
-        return {"PATH": DEFAULT_CHILD_PATH, "LANG": DEFAULT_CHILD_LANG, **self.env}
+        """The child's whole environment: a minimal PATH and LANG (and HOME and USER of
+        ``run_as``), then the template's env."""
+        env = {"PATH": DEFAULT_CHILD_PATH, "LANG": DEFAULT_CHILD_LANG}
+        if self.run_as is not None:
+            env.update(HOME=self.run_as.home, USER=self.run_as.user, LOGNAME=self.run_as.user)
+        return {**env, **self.env}
 
 
 def template_digest(raw: Mapping[str, object]) -> str:

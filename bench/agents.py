@@ -36,6 +36,12 @@ DENIED_COMMAND = "denied"
 TOKEN_ONLY_COMMAND = "not-on-host"  # noqa: S105 - a command name
 TOKEN_TTL_SECONDS = 3600
 
+# Item 5 runs 500 commands at once for one identity: above the default limits.
+SERVER_LIMITS = """\
+# --- added by bench/run.py: item 5 runs 500 at once for one identity ---
+max_concurrent_runs = 1000
+max_runs_per_identity = 1000"""
+
 BENCH_TEMPLATES = f"""
 # --- added by bench/run.py ---
 [commands.true]
@@ -140,8 +146,12 @@ def make_lab(root: Path, port: int) -> BenchLab:
         timeout=120,
     )
     config = root / "agent.toml"
-    with open(config, "a") as f:
-        f.write(BENCH_TEMPLATES)
+    text, count = re.subn(
+        r"(?m)^(listen = .*)$", lambda m: m.group(1) + "\n" + SERVER_LIMITS, config.read_text()
+    )
+    if count != 1:
+        raise RuntimeError(f"{config}: cannot find the [server] listen line")
+    config.write_text(text + BENCH_TEMPLATES)
     token = mint_token(
         load_private_key(root / "keys" / f"{LAB_KID}.pem"),
         kid=LAB_KID,

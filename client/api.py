@@ -192,6 +192,7 @@ class Client:
         cert: str | os.PathLike[str] | bytes | None = None,
         key: str | os.PathLike[str] | bytes | None = None,
         insecure: bool = False,
+        keepalive_seconds: float = 60.0,
     ) -> None:
         parsed = parse_target(target)
         self.target = str(parsed)
@@ -201,20 +202,27 @@ class Client:
         self._metadata = ((AUTHORIZATION_KEY, BEARER_PREFIX + token),)
         if (cert is None) != (key is None):
             raise ValueError("cert and key go together")
+        # a command may be silent for an hour: keep pinging so nothing drops the connection
+        options = [
+            ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         if insecure:
             # plaintext would hand the bearer token to anyone on the path
             if not is_loopback(parsed.host):
                 raise ValueError(f"insecure (plaintext) is refused for non-loopback {parsed.host}")
             if ca is not None or cert is not None:
                 raise ValueError("insecure cannot be combined with ca, cert or key")
-            self._channel = grpc.insecure_channel(self.target)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         else:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read_pem(ca),
                 private_key=_read_pem(key),
                 certificate_chain=_read_pem(cert),
             )
-            self._channel = grpc.secure_channel(self.target, credentials)
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
 
     def __enter__(self) -> Client:

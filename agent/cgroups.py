@@ -1,0 +1,259 @@
+"""Per-run cgroups: a tree that no descendant can leave, killed as a whole.
+
+A double-forked, ``setsid()``-ed grandchild leaves its process group, so
+``killpg`` misses it; it cannot leave its cgroup. Each run gets its own cgroup
+v2 below the agent's (under systemd, the subtree ``Delegate=yes`` hands over),
+and ending a run writes ``cgroup.kill``. The cgroup2 mount is found through
+/proc/self/mountinfo, since it is not always at /sys/fs/cgroup.
+
+A child must be born inside its cgroup, or it could fork before being moved.
+Python cannot spawn into a cgroup (no ``CLONE_INTO_CGROUP``), and
+``preexec_fn`` is unsafe with gRPC's threads; so the agent steps into the
+run's cgroup for the instant of the spawn and steps back out. Spawns happen
+one at a time on the event loop thread, so the steps cannot interleave.
+
+Limits (``pids.max``, ``memory.max``, ``cpu.max``) are written once the agent
+has stepped out, so that its own threads never count against them. Where the
+cgroup v2 hierarchy has no pids controller (a hybrid host), the cgroup v1
+pids hierarchy, if mounted, carries the pids limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cmdgate.agent.templates import Limits
+
+log = logging.getLogger("cmdgate.agent")
+
+RUNS_FOLDER = "cmdgate-runs"
+
+
+def _mounts(fstype: str) -> Iterator[tuple[str, str]]:
+    """(mount point, super options) of every mount of ``fstype``."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if len(fields) >= 5 and tail and tail[0] == fstype:
+            yield fields[4].replace("\\040", " "), tail[-1] if len(tail) >= 3 else ""
+
+
+def _own_cgroup(hierarchy: str) -> str | None:
+    """This process's cgroup path in a hierarchy: "" for v2, a controller name for v1."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if hierarchy in (controllers.split(",") if controllers else [""]):
+            return path
+    return None
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class RunCgroups:
+    """Makes, fills, limits, kills and removes the cgroups of runs."""
+
+    def __init__(
+        self, home: Path, runs: Path, controllers: frozenset[str], pids_v1: tuple[Path, Path] | None
+    ) -> None:
+        self.home = home  # where the agent itself lives
+        self.runs = runs
+        self.controllers = controllers
+        # (the agent's own v1 pids cgroup, the folder for runs' v1 pids cgroups)
+        self.pids_v1 = pids_v1
+
+    @classmethod
+    def probe(cls) -> RunCgroups | None:
+        """A manager if a writable cgroup v2 tree is here, else None (say why in the log)."""
+        mount = next((m for m, _ in _mounts("cgroup2")), None)
+        own = _own_cgroup("")
+        if mount is None or own is None:
+            log.info("no cgroup v2 here: runs are ended by process group only")
+            return None
+        home = Path(mount) / own.lstrip("/")
+        runs = home / RUNS_FOLDER
+        try:
+            runs.mkdir(exist_ok=True)
+            probe = runs / f"probe-{os.getpid()}"
+            probe.mkdir()
+            has_kill = (probe / "cgroup.kill").exists()
+            probe.rmdir()
+        except OSError as e:
+            log.info(
+                "cgroup v2 at %s is not writable (%s): runs are ended by process group only",
+                home,
+                e.strerror,
+            )
+            return None
+        if not has_kill:
+            log.info("cgroup v2 has no cgroup.kill (kernel < 5.14): process groups only")
+            return None
+        controllers = cls._delegate(home, runs)
+        pids_v1 = None if "pids" in controllers else cls._pids_v1()
+        log.info(
+            "runs get their own cgroup under %s (controllers: %s%s)",
+            runs,
+            ", ".join(sorted(controllers)) or "none",
+            "; pids via cgroup v1" if pids_v1 else "",
+        )
+        return cls(home, runs, controllers, pids_v1)
+
+    @staticmethod
+    def _delegate(home: Path, runs: Path) -> frozenset[str]:
+        """Enable what controllers we may for the runs' cgroups."""
+        wanted = {"pids", "memory", "cpu"}
+        try:
+            available = set((home / "cgroup.controllers").read_text().split()) & wanted
+        except OSError:
+            return frozenset()
+        if not available:
+            return frozenset()
+        is_root = not (home / "cgroup.type").exists()
+        if not is_root:
+            # no process may live in a cgroup that hands controllers down: step into a leaf
+            leaf = home / "agent"
+            try:
+                leaf.mkdir(exist_ok=True)
+                _write(leaf / "cgroup.procs", str(os.getpid()))
+            except OSError as e:
+                log.warning("cannot move the agent into %s (%s): no limits", leaf, e.strerror)
+                return frozenset()
+        enabled: set[str] = set()
+        for name in sorted(available):
+            try:
+                _write(home / "cgroup.subtree_control", f"+{name}")
+                _write(runs / "cgroup.subtree_control", f"+{name}")
+                enabled.add(name)
+            except OSError as e:
+                log.warning("cannot enable the %s controller for runs: %s", name, e.strerror)
+        return frozenset(enabled)
+
+    @staticmethod
+    def _pids_v1() -> tuple[Path, Path] | None:
+        mount = next((m for m, opts in _mounts("cgroup") if "pids" in opts.split(",")), None)
+        own = _own_cgroup("pids")
+        if mount is None or own is None:
+            return None
+        agent_home = Path(mount) / own.lstrip("/")
+        runs = agent_home / RUNS_FOLDER
+        try:
+            runs.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        return agent_home, runs
+
+    def supports(self, limits: Limits) -> str | None:
+        """None if these limits can be applied here, else which controller is missing."""
+        if limits.pids is not None and "pids" not in self.controllers and not self.pids_v1:
+            return "pids"
+        if limits.memory_bytes is not None and "memory" not in self.controllers:
+            return "memory"
+        if limits.cpu_percent is not None and "cpu" not in self.controllers:
+            return "cpu"
+        return None
+
+    def create(self, name: str) -> RunCgroup:
+        """A fresh cgroup (and v1 pids cgroup, if used) for one run."""
+        path = self.runs / name
+        path.mkdir()
+        pids_path = None
+        if self.pids_v1 is not None:
+            pids_path = self.pids_v1[1] / name
+            pids_path.mkdir()
+        return RunCgroup(self, path, pids_path)
+
+
+class RunCgroup:
+    """One run's cgroup."""
+
+    def __init__(self, owner: RunCgroups, path: Path, pids_v1: Path | None) -> None:
+        self.owner = owner
+        self.path = path
+        self.pids_v1 = pids_v1
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Hold the agent inside this cgroup meanwhile, so that a child spawned now is born
+        in it; the agent steps back out after."""
+        pid = str(os.getpid())
+        _write(self.path / "cgroup.procs", pid)
+        try:
+            if self.pids_v1 is not None:
+                _write(self.pids_v1 / "cgroup.procs", pid)
+            try:
+                yield
+            finally:
+                if self.pids_v1 is not None and self.owner.pids_v1 is not None:
+                    _write(self.owner.pids_v1[0] / "cgroup.procs", pid)
+        finally:
+            home = self.owner.home
+            target = home / "agent" if (home / "agent").is_dir() else home
+            _write(target / "cgroup.procs", pid)
+
+    def limit(self, limits: Limits) -> None:
+        """Apply the limits; the command is already inside."""
+        if limits.pids is not None:
+            folder = self.path if "pids" in self.owner.controllers else self.pids_v1
+            assert folder is not None
+            _write(folder / "pids.max", str(limits.pids))
+        if limits.memory_bytes is not None:
+            _write(self.path / "memory.max", str(limits.memory_bytes))
+            with contextlib.suppress(OSError):
+                _write(self.path / "memory.swap.max", "0")
+        if limits.cpu_percent is not None:
+            period = 100_000
+            _write(self.path / "cpu.max", f"{period * limits.cpu_percent // 100} {period}")
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to every process in the run, wherever its process group went."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL everything in the run at once; nothing inside can fork its way out."""
+        with contextlib.suppress(OSError):
+            _write(self.path / "cgroup.kill", "1")
+
+    def pids(self) -> list[int]:
+        try:
+            text = (self.path / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Remove the (killed) cgroup once it is empty."""
+        deadline = time.monotonic() + timeout
+        for path in (self.path, self.pids_v1):
+            if path is None:
+                continue
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        log.warning("cgroup %s is not empty; left behind", path)
+                        break
+                    if path == self.path:
+                        self.kill()
+                    time.sleep(0.005)
