@@ -255,7 +255,11 @@ class AuditLog:
         lines: list[bytes] = []
         for item in batch:
             if item.fields is None:
-                lines.append(self._chain(head, self._checkpoint_fields(item.reason)))
+                lines.append(
+                    self._chain(
+                        head, self._checkpoint_fields(item.reason, final=item.reason == "shutdown")
+                    )
+                )
                 since = 0
                 continue
             lines.append(self._chain(head, item.fields))

@@ -111,11 +111,13 @@ class RunningAgent:
         seconds (by default ``drain_grace_seconds``), then kill what still runs."""
         if grace is None:
             grace = self.service.state.config.server.drain_grace_seconds
+        # new runs are refused (UNAVAILABLE, audited) while the ones in flight finish
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.service.drain(grace)
         # the grace is over: no command outlives the agent, and each run's end is recorded
-        await self.service.drain()
+        await self.server.stop(1.0)
+        await self.service.drain(0)
         await self.audit.close()
 
 

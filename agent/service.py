@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -68,6 +69,8 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_RECORDED_LENGTH = 512
 MAX_RECORDED_PARAMS = 32
 MAX_AUDIT_QUERY_RECORDS = 10_000
+# How long a stop waits for killed runs to be reaped and recorded.
+KILL_WAIT_SECONDS = 10.0
 # A run's pids limit when its template sets none and the host can enforce one.
 DEFAULT_RUN_PIDS = 1024
 
@@ -94,6 +97,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.audit = audit
         self.cgroups = cgroups
         self._runs: set[ProcessRun] = set()
+        self._no_runs = asyncio.Event()
+        self._no_runs.set()
         self._endings: set[asyncio.Future[None]] = set()
         # runs admitted and not yet ended, per identity: the limits count these
         self._in_flight: collections.Counter[str] = collections.Counter()
@@ -146,6 +151,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             "run %s: %r started %s pid %d", record["run_id"], record["sub"], template.name, run.pid
         )
         self._runs.add(run)
+        self._no_runs.clear()
         completed = False
         try:
             yield agent_pb2.RunEvent(
@@ -177,6 +183,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._write_finished(record, run.outcome, None)
         finally:
             self._runs.discard(run)
+            if not self._runs:
+                self._no_runs.set()
             self._release(record["sub"])
 
     def _new_run(
@@ -224,13 +232,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if self._in_flight[subject] <= 0:
             del self._in_flight[subject]
 
-    async def drain(self) -> None:
-        """After the server stopped: kill whatever still runs, and wait for every record."""
+    async def drain(self, grace: float) -> None:
+        """Let runs in flight finish for ``grace`` seconds, then kill what still runs, and
+        wait until every run has ended and been recorded."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._no_runs.wait()
         for run in list(self._runs):
             if not run.reaped:
                 run.kill_now()
-        if self._endings:
-            await asyncio.gather(*self._endings, return_exceptions=True)
+        try:
+            async with asyncio.timeout(KILL_WAIT_SECONDS):
+                await self._no_runs.wait()
+                await asyncio.gather(*self._endings, return_exceptions=True)
+        except TimeoutError:
+            log.error("%d run(s) did not end after being killed", len(self._runs))
 
     async def ListCommands(
         self, request: agent_pb2.ListCommandsRequest, context: aio.ServicerContext[Any, Any]

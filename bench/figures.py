@@ -65,7 +65,7 @@ class Scale:
 
 
 QUICK = Scale(3, 100, 15, 3, 1.5, 2, 3, 6)
-FULL = Scale(5, 400, 60, 5, 3.0, 5, 6, 20)
+FULL = Scale(5, 400, 100, 5, 3.0, 5, 6, 30)
 
 
 @dataclass
@@ -115,6 +115,12 @@ def _timed(action: Callable[[], None]) -> float:
 def _check(ok: bool, what: str) -> None:
     if not ok:
         raise RuntimeError(what)
+
+
+def _busy() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (all cores)."""
+    times = psutil.cpu_times()
+    return float(times.user + times.nice + times.system + times.irq + times.softirq)
 
 
 def _cpu_of_self() -> float:
@@ -457,15 +463,21 @@ def streaming(lab: BenchLab, agent: RunningAgent, ssh: SshEndpoint | None, scale
     b: list[float] = []
     agent_cpu: list[float] = []
     client_cpu: list[float] = []
+    # CPU time of the whole machine per GiB: both sides, client and server together
+    machine_a: list[float] = []
+    machine_b: list[float] = []
     for _ in range(scale.stream_pairs):
-        cpu_before, mine_before = agent.cpu_seconds(), _cpu_of_self()
+        cpu_before, mine_before, busy_before = agent.cpu_seconds(), _cpu_of_self(), _busy()
         elapsed, received = _stream_cmdgate(lab, agent.port)
+        machine_a.append(_busy() - busy_before)
         agent_cpu.append(agent.cpu_seconds() - cpu_before)
         client_cpu.append(_cpu_of_self() - mine_before)
         _check(received == STREAM_BYTES, f"cmdgate streamed {received} bytes")
         a.append(received / elapsed / 1e6)
         if ssh is not None:
+            busy_before = _busy()
             elapsed, received = _stream_ssh(ssh)
+            machine_b.append(_busy() - busy_before)
             _check(received == STREAM_BYTES, f"ssh streamed {received} bytes")
             b.append(received / elapsed / 1e6)
     figure = Figure(
@@ -482,6 +494,8 @@ def streaming(lab: BenchLab, agent: RunningAgent, ssh: SshEndpoint | None, scale
             "ssh_mb_s": b,
             "agent_cpu_s": agent_cpu,
             "client_cpu_s": client_cpu,
+            "machine_cpu_s": machine_a,
+            "ssh_machine_cpu_s": machine_b,
         },
     )
     if b:
@@ -492,7 +506,9 @@ def streaming(lab: BenchLab, agent: RunningAgent, ssh: SshEndpoint | None, scale
     figure.notes.append(
         f"{scale.stream_pairs} interleaved pairs; bytes counted and discarded by the client. "
         f"Per GiB: agent CPU {median(agent_cpu):.2f} s, "
-        f"benchmark client (Python API) CPU {median(client_cpu):.2f} s."
+        f"benchmark client (Python API) CPU {median(client_cpu):.2f} s; "
+        f"the whole machine {median(machine_a):.2f} CPU-s"
+        + (f" (ssh: {median(machine_b):.2f} CPU-s)." if machine_b else ".")
     )
     return figure
 

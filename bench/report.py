@@ -28,6 +28,9 @@ class Setting:
     ssh_login: str | None
     ssh_cipher: str | None
     elapsed_seconds: float
+    # 1-minute load averages before and after: a busy machine shows here
+    load_before: float
+    load_after: float
 
 
 def _cpu_model() -> str:
@@ -130,6 +133,8 @@ def write_markdown(
         f"- CPU: {_cpu_model()}, {psutil.cpu_count(logical=True)} logical cores "
         f"({psutil.cpu_count(logical=False) or '?'} physical)",
         f"- memory: {memory:.1f} GiB",
+        f"- load average (1 min) before the run {setting.load_before:.2f}, "
+        f"after it {setting.load_after:.2f}",
         f"- kernel: {platform.system()} {platform.release()}",
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- grpcio {grpc.__version__}",

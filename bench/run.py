@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     processes = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="cmdgate-bench-"))
     results: list[Figure] = []
@@ -120,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = free_port()
         lab = make_lab(workdir / "lab", port)
         wrapper = (
-            [sys.executable, "-m", "cProfile", "-o", str(args.cprofile)] if args.cprofile else []
+            [sys.executable, "-m", "cProfile", "-o", str(args.cprofile.resolve())]
+            if args.cprofile
+            else []
         )
         agent = start_agent(lab, lab.config, port, processes, wrapper)
         _say(f"agent up on 127.0.0.1:{port} (pid {agent.process.pid}), lab in {lab.root}")
@@ -177,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ssh_login=None if ssh is None else _describe_login(ssh),
         ssh_cipher=None if ssh is None else ssh.cipher,
         elapsed_seconds=time.monotonic() - started,
+        load_before=load_before,
+        load_after=os.getloadavg()[0],
     )
     write_markdown(markdown, results, setting, plot if panels else None, REPO)
     if args.json:
