@@ -116,6 +116,13 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool
+    listen_host: str
+    listen_port: int
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything the agent needs, checked and parsed; safe to share across requests."""
 
@@ -124,6 +131,7 @@ class AgentConfig:
     auth: AuthConfig
     audit: AuditConfig
     commands: Mapping[str, CommandTemplate]
+    metrics: MetricsConfig = MetricsConfig(False, "127.0.0.1", 9464)
 
 
 class _Table:
@@ -222,8 +230,20 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     auth = _load_auth(top.table("auth"), base)
     audit = _load_audit(top.table("audit", default={}), base)
     commands = _load_commands(top.table("commands", default={}))
+    metrics = _load_metrics(top.table("metrics", default={}))
     top.finish()
-    return AgentConfig(file, server, auth, audit, commands)
+    return AgentConfig(file, server, auth, audit, commands, metrics)
+
+
+def _load_metrics(table: _Table) -> MetricsConfig:
+    enabled = table.boolean("enabled", False)
+    listen = table.string("listen", "127.0.0.1:9464")
+    try:
+        target = parse_target(listen, default_port=9464, any_port=True)
+    except ValueError as e:
+        table.fail("listen", str(e))
+    table.finish()
+    return MetricsConfig(enabled, target.host, target.port)
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -19,6 +19,7 @@ from cmdgate.agent.audit import AuditLog, load_or_create_audit_key
 from cmdgate.agent.cgroups import RunCgroups
 from cmdgate.agent.config import AgentConfig, load_config
 from cmdgate.agent.errors import ConfigError
+from cmdgate.agent.metrics import Metrics
 from cmdgate.agent.service import AgentService, AgentState
 from cmdgate.agent.templates import Limits
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
@@ -119,6 +120,8 @@ class RunningAgent:
         await self.server.stop(1.0)
         await self.service.drain(0)
         await self.audit.close()
+        if self.service.metrics:
+            self.service.metrics.close()
 
 
 def _check_limits(config: AgentConfig, cgroups: RunCgroups | None) -> None:
@@ -168,7 +171,14 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
     cgroups = RunCgroups.probe()
     _check_limits(config, cgroups)
-    service = AgentService(AgentState.from_config(config), audit, cgroups)
+    metrics = None
+    if config.metrics.enabled:
+        metrics = Metrics.create()
+        try:
+            metrics.serve(config.metrics.listen_host, config.metrics.listen_port)
+        except OSError as e:
+            raise ConfigError(f"{config.source}: metrics.listen: {e.strerror}") from None
+    service = AgentService(AgentState.from_config(config), audit, cgroups, metrics)
     server = aio.server(options=server_options(config))
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

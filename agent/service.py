@@ -43,6 +43,7 @@ from cmdgate.agent.errors import (
     RateLimited,
     SpawnFailed,
 )
+from cmdgate.agent.metrics import Metrics
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
 from cmdgate.agent.templates import (
     CommandTemplate,
@@ -91,11 +92,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     """Implements ``cmdgate.v1.Agent``."""
 
     def __init__(
-        self, state: AgentState, audit: AuditLog, cgroups: RunCgroups | None = None
+        self,
+        state: AgentState,
+        audit: AuditLog,
+        cgroups: RunCgroups | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.state = state
         self.audit = audit
         self.cgroups = cgroups
+        self.metrics = metrics
         self._runs: set[ProcessRun] = set()
         self._no_runs = asyncio.Event()
         self._no_runs.set()
@@ -152,6 +158,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         )
         self._runs.add(run)
         self._no_runs.clear()
+        if self.metrics:
+            self.metrics.in_flight.inc()
         completed = False
         try:
             yield agent_pb2.RunEvent(
@@ -185,6 +193,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self._runs.discard(run)
             if not self._runs:
                 self._no_runs.set()
+            if self.metrics:
+                self.metrics.in_flight.dec()
             self._release(record["sub"])
 
     def _new_run(
@@ -338,6 +348,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             "detail": denial.detail,
             **record,
         }
+        if self.metrics:
+            self.metrics.denials.labels(reason=denial.reason).inc()
         try:
             await self.audit.write(event, fields)
         except OSError as e:
@@ -374,6 +386,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 stdout_sha256=outcome.stdout_sha256,
                 stderr_sha256=outcome.stderr_sha256,
             )
+        if self.metrics:
+            self.metrics.run_ended(record["command"], outcome)
         try:
             await self.audit.write("run.finished", finished)
         except OSError as e:

@@ -76,11 +76,13 @@ def agent_toml(
     audit_path: Path,
     extra: str = "",
     audit_extra: str = "",
+    server_extra: str = "",
 ) -> str:
     """A config with mTLS from the lab, the test issuer, and templates writing into marker_dir."""
     return f"""
 [server]
 listen = "127.0.0.1:0"
+{server_extra}
 tls_cert = {json.dumps(str(lab.server_cert))}
 tls_key = {json.dumps(str(lab.server_key))}
 client_ca = {json.dumps(str(lab.ca_cert))}
@@ -215,12 +217,13 @@ def start_test_agent(
     extra: str = "",
     audit_path: Path | None = None,
     audit_extra: str = "",
+    server_extra: str = "",
 ) -> Agent:
     marker_dir = root / "markers"
     marker_dir.mkdir(parents=True)
     audit = audit_path or root / "audit.jsonl"
     config = root / "agent.toml"
-    config.write_text(agent_toml(lab, keys, marker_dir, audit, extra, audit_extra))
+    config.write_text(agent_toml(lab, keys, marker_dir, audit, extra, audit_extra, server_extra))
     thread = AgentThread(config)
     return Agent(thread, thread.target, audit, marker_dir, lab, keys)
 

@@ -113,23 +113,12 @@ memory = "64M"
 def test_past_the_limits_runs_are_refused_at_once(
     lab: LabPaths, keys: Keys, tmp_path: Path
 ) -> None:
-    agent = start_test_agent(
+    limited = start_test_agent(
         lab,
         keys,
         tmp_path / "limited",
-        extra="",
+        server_extra="max_concurrent_runs = 2\nmax_runs_per_identity = 1",
     )
-    agent.thread.stop()
-    config = agent.thread.config.source
-    config.write_text(
-        config.read_text().replace(
-            "[server]\n", "[server]\nmax_concurrent_runs = 2\nmax_runs_per_identity = 1\n", 1
-        )
-    )
-    from tests.support import AgentThread
-
-    thread = AgentThread(config)
-    limited = Agent(thread, thread.target, agent.audit_path, agent.marker_dir, lab, keys)
     try:
         alice = limited.client(limited.token(subject="alice"))
         bob = limited.client(limited.token(subject="bob"))
@@ -164,7 +153,7 @@ def test_past_the_limits_runs_are_refused_at_once(
                     time.sleep(0.2)
             assert marker.exists()
     finally:
-        thread.stop()
+        limited.thread.stop()
 
 
 def test_reload_swaps_the_allowlist_and_keeps_runs_in_flight(fresh: Agent) -> None:
@@ -204,19 +193,39 @@ def test_a_long_silent_command_survives_fast_keepalives(
     lab: LabPaths, keys: Keys, tmp_path: Path
 ) -> None:
     # an hour of silence, compressed: keepalive pings every second both ways, a 6 s silence
-    agent = start_test_agent(lab, keys, tmp_path / "quiet")
-    agent.thread.stop()
-    config = agent.thread.config.source
-    config.write_text(
-        config.read_text().replace("[server]\n", "[server]\nkeepalive_seconds = 1\n", 1)
-    )
-    from tests.support import AgentThread
-
-    thread = AgentThread(config)
+    quiet = start_test_agent(lab, keys, tmp_path / "quiet", server_extra="keepalive_seconds = 1")
     try:
-        quiet = Agent(thread, thread.target, agent.audit_path, agent.marker_dir, lab, keys)
         with contextlib.closing(quiet.client(keepalive_seconds=1)) as client:
             result = client.run("probe", {"mode": "slow", "arg": "6"})
         assert result.exit_code == 0 and result.stdout == b"xy"
     finally:
-        thread.stop()
+        quiet.thread.stop()
+
+
+def test_metrics_count_runs_and_denials_without_identities(
+    lab: LabPaths, keys: Keys, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    measured = start_test_agent(
+        lab, keys, tmp_path / "metrics", extra='[metrics]\nenabled = true\nlisten = "127.0.0.1:0"'
+    )
+    try:
+        with measured.client(measured.token(subject="alice-secret-name")) as client:
+            client.run("probe", {"mode": "exit", "arg": "0"})
+            client.run("probe", {"mode": "exit", "arg": "3"})
+            with contextlib.suppress(ClientError):
+                client.run("made-up-name-" + "x" * 20)
+        metrics = measured.thread.running.service.metrics
+        assert metrics is not None
+        url = f"http://127.0.0.1:{metrics.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert 'cmdgate_runs_total{command="probe",outcome="exit_zero"} 1.0' in text
+        assert 'cmdgate_runs_total{command="probe",outcome="exit_nonzero"} 1.0' in text
+        assert 'cmdgate_denials_total{reason="COMMAND_NOT_IN_TOKEN"} 1.0' in text
+        assert "cmdgate_runs_in_flight 0.0" in text
+        assert 'cmdgate_build_info{version="' in text
+        assert "alice" not in text and "made-up-name" not in text
+    finally:
+        measured.thread.stop()
