@@ -95,8 +95,6 @@ def _serve(config: AgentConfig) -> int:
 
     async def serve() -> None:
         agent = await start_agent(config)
-        notifier.ready(f"listening on port {agent.port}")
-        watchdog = asyncio.create_task(notifier.watchdog())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,6 +114,9 @@ def _serve(config: AgentConfig) -> int:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        # ready only now: a SIGHUP the moment systemd hears READY must find its handler
+        notifier.ready(f"listening on port {agent.port}")
+        watchdog = asyncio.create_task(notifier.watchdog())
         await stop.wait()
         notifier.stopping()
         grace = agent.service.state.config.server.drain_grace_seconds

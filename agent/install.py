@@ -46,8 +46,9 @@ READONLY_STATE_DIR = PurePosixPath("/var/lib/cmdgate-readonly")
 READONLY_LOG_DIR = PurePosixPath("/var/log/cmdgate-readonly")
 STARTER_LISTEN = "127.0.0.1:7443"
 READONLY_STARTER_LISTEN = "127.0.0.1:7444"
-# The read-only unit's dynamic user cannot read the TLS key; systemd hands it over.
-READONLY_TLS_KEY = f"/run/credentials/{READONLY_UNIT}/server.key"
+# The read-only unit's dynamic user cannot read the TLS key (0600 root); each start copies
+# it into the runtime folder, which only that user can open.
+READONLY_TLS_KEY = "/run/cmdgate-readonly/server.key"
 # The first line of the lab's agent.toml, which is no longer true once install has edited it.
 LAB_HEADER = "# cmdgate agent configuration for a lab, written by `cmdgate-agent init`.\n"
 STARTER_HEADER = (
@@ -315,7 +316,7 @@ def _plan_configs(root: Path) -> tuple[list[_Step], bool]:
             _Step(
                 f"{readonly_config} for {READONLY_UNIT} with the same templates, listening on "
                 f"{READONLY_STARTER_LISTEN}; its certificates and jwks.json are copies (0644), "
-                "its TLS key a 0600 copy it gets as a credential",
+                "its TLS key a 0600 copy that each start hands over",
                 "create",
                 "created",
                 lambda: _write_readonly_starter(config_dir, readonly_dir),
@@ -398,7 +399,7 @@ def _write_readonly_starter(config_dir: Path, readonly_dir: Path) -> None:
     header = (
         f"# Starter config written by `cmdgate-agent install` for {READONLY_UNIT}.\n"
         "# Its dynamic user reads this folder, so all in it is public but tls/server.key,\n"
-        "# which stays 0600 root and reaches the agent as a systemd credential (tls_key).\n"
+        "# which stays 0600 root; each start copies it to the tls_key path below, for that user.\n"
     )
     copies = (
         ("tls/ca.pem", 0o644),

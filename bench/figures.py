@@ -117,6 +117,23 @@ def _check(ok: bool, what: str) -> None:
         raise RuntimeError(what)
 
 
+def _process(argv: list[str], env: dict[str, str] | None = None) -> Callable[[], None]:
+    """A function that runs ``argv`` once and raises unless it exits 0."""
+
+    def run() -> None:
+        if run_quietly(argv, env) != 0:
+            # once more with its stderr, for a useful message (bounded by the timeout)
+            again = subprocess.run(
+                argv, env=env, capture_output=True, text=True, check=False, timeout=120
+            )
+            raise RuntimeError(
+                f"{' '.join(argv)[:200]} failed; run again: exit {again.returncode}: "
+                f"{again.stderr.strip()[-3000:]}"
+            )
+
+    return run
+
+
 def _busy() -> float:
     """CPU-seconds the whole machine has spent busy since boot (all cores)."""
     times = psutil.cpu_times()
@@ -151,12 +168,7 @@ def api_latency(
         logins_before = 0
         if ssh is not None:
             start_master(ssh, processes, workdir / "controlmaster.log")
-            mux = ssh.multiplexed("true")
-
-            def ssh_true_impl() -> None:
-                _check(run_quietly(mux) == 0, "ssh (ControlMaster) true did not exit 0")
-
-            ssh_true = ssh_true_impl
+            ssh_true = _process(ssh.multiplexed("true"))
             samples["ssh (ControlMaster)"] = []
             for _ in range(10):
                 ssh_true()
@@ -214,20 +226,10 @@ def whole_process(
     lab: BenchLab, agent: RunningAgent, ssh: SshEndpoint | None, scale: Scale
 ) -> tuple[Figure, dict[str, list[float]]]:
     """``cmdgate run 127.0.0.1:PORT true`` as a process vs ``ssh host true`` on a new connection."""
-    cli = [script("cmdgate"), "run", f"127.0.0.1:{agent.port}", "true"]
-    env = lab.client_env
-
-    def cmdgate_run() -> None:
-        _check(run_quietly(cli, env) == 0, "cmdgate run true did not exit 0")
-
-    ssh_run: Callable[[], None] | None = None
-    if ssh is not None:
-        fresh = ssh.fresh("true")
-
-        def ssh_run_impl() -> None:
-            _check(run_quietly(fresh) == 0, "ssh true did not exit 0")
-
-        ssh_run = ssh_run_impl
+    cmdgate_run = _process(
+        [script("cmdgate"), "run", f"127.0.0.1:{agent.port}", "true"], lab.client_env
+    )
+    ssh_run = None if ssh is None else _process(ssh.fresh("true"))
     for _ in range(3):
         cmdgate_run()
         if ssh_run is not None:
@@ -608,24 +610,9 @@ def fanout(
         for one in extra:
             wait_until_serving(lab, one)
         targets = ",".join(f"127.0.0.1:{p}" for p in [agent.port, *ports])
-        many = [script("cmdgate"), "run", targets, "true"]
-        single = [script("cmdgate"), "run", f"127.0.0.1:{agent.port}", "true"]
-        env = lab.client_env
-
-        def run(argv: list[str]) -> Callable[[], None]:
-            def go() -> None:
-                if run_quietly(argv, env) != 0:
-                    again = subprocess.run(
-                        argv, env=env, capture_output=True, text=True, check=False, timeout=120
-                    )
-                    raise RuntimeError(
-                        f"cmdgate run to {argv[2].count(',') + 1} agent(s) failed; "
-                        f"again: exit {again.returncode}: {again.stderr.strip()[-3000:]}"
-                    )
-
-            return go
-
-        run_many, run_single = run(many), run(single)
+        cli = script("cmdgate")
+        run_many = _process([cli, "run", targets, "true"], lab.client_env)
+        run_single = _process([cli, "run", f"127.0.0.1:{agent.port}", "true"], lab.client_env)
         for _ in range(2):
             run_many()
             run_single()

@@ -157,13 +157,18 @@ def write_plot(path: Path, panels: Sequence[tuple[str, Mapping[str, Sequence[flo
     def major(value: float, _: int) -> str:
         return f"{value:g}"
 
-    def minor(value: float, _: int) -> str:
-        # label 2 and 5 of each decade; the others stay unlabelled ticks
-        mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
-        return f"{value:g}" if round(mantissa) in (2, 5) else ""
+    def minor_labels(every: bool) -> FuncFormatter:
+        # over several decades, 2 and 5 of each are enough; within one, label them all
+        def label(value: float, _: int) -> str:
+            mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0
+            return f"{value:g}" if every or round(mantissa) in (2, 5) else ""
+
+        return FuncFormatter(label)
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels, strict=True):
+        values = [s for seconds in series.values() for s in seconds if s > 0]
+        narrow = bool(values) and max(values) / min(values) < 10
         for label, seconds in series.items():
             if not seconds:
                 continue
@@ -172,7 +177,7 @@ def write_plot(path: Path, panels: Sequence[tuple[str, Mapping[str, Sequence[flo
             ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(major))
-        ax.xaxis.set_minor_formatter(FuncFormatter(minor))
+        ax.xaxis.set_minor_formatter(minor_labels(narrow))
         ax.set_xlabel("round trip, ms (log scale)")
         ax.set_ylabel("fraction of runs ≤ x")
         ax.set_title(title, fontsize=10)
