@@ -67,14 +67,6 @@ class RunningAgent:
         loop = asyncio.get_running_loop()
         try:
             config = await loop.run_in_executor(None, load_config, path)
-        except ConfigError as e:
-            log.error("reload refused, the old config stays: %s", e)
-            with contextlib.suppress(OSError):
-                await self.audit.write(
-                    "config.reload_failed", {"reason": "CONFIG_INVALID", "detail": str(e)}
-                )
-            return False
-        try:
             _check_limits(config, self.service.cgroups)
         except ConfigError as e:
             log.error("reload refused, the old config stays: %s", e)

@@ -374,18 +374,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             **record,
         }
         if outcome is not None:
-            finished.update(
-                exit_code=outcome.exit_code,
-                signal=outcome.signal,
-                timed_out=outcome.timed_out,
-                cancelled=outcome.cancelled,
-                truncated=outcome.truncated,
-                duration_ms=outcome.duration_ms,
-                stdout_bytes=outcome.stdout_bytes,
-                stderr_bytes=outcome.stderr_bytes,
-                stdout_sha256=outcome.stdout_sha256,
-                stderr_sha256=outcome.stderr_sha256,
-            )
+            finished.update(dataclasses.asdict(outcome))
         if self.metrics:
             self.metrics.run_ended(record["command"], outcome)
         try:
