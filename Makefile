@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint typecheck proto proto-check pytest clean
+.PHONY: demo test install lint typecheck proto proto-check pytest test-systemd clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -42,6 +42,11 @@ pytest: install
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# The units and the installer judged by systemd, and a real systemd booted as PID 1 in
+# private namespaces (needs root); `make pytest` runs it too, but may skip it.
+test-systemd: install
+	CMDGATE_REQUIRE_SYSTEMD_TEST=1 $(BIN)/pytest -q tests/test_systemd.py
 
 demo: install
 	@BIN=$(BIN) sh client/demo.sh

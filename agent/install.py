@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -143,10 +144,10 @@ def _plan_install(root: Path, dry_run: bool) -> list[_Step]:
         steps.append(step)
 
     steps += _plan_systemd_start(root, system, changed_units)
-    if fresh_starter:
+    if fresh_starter and not dry_run:
         steps.append(
             _Step(
-                "try it: . /etc/cmdgate/client.env && cmdgate list 127.0.0.1 "
+                f"try it: . /etc/cmdgate/client.env && {agent.with_name('cmdgate')} list 127.0.0.1 "
                 "(the starter's signing key keys/lab-1.pem and client key are for trying it "
                 "out: in production use your issuer's JWKS and keep keys off this host)"
             )
@@ -211,7 +212,26 @@ def _reachability(agent: Path) -> _Reachability:
             f"warning: {tmp[0]} is under /tmp or /var/tmp, which systemd-tmpfiles cleans and "
             f"{READONLY_UNIT} (PrivateTmp=yes) cannot see: install cmdgate elsewhere"
         )
+    closed = _closed_to_others(paths)
+    if closed is not None:
+        notes.append(
+            f"warning: {closed} is closed to other users, so {READONLY_UNIT} (a dynamic user) "
+            "cannot start cmdgate from there; to use it, install cmdgate where all may read it "
+            "(e.g. a venv in /opt made with a system python)"
+        )
     return _Reachability(bool(home), tuple(notes))
+
+
+def _closed_to_others(paths: set[Path]) -> Path | None:
+    """The first folder on the way to ``paths`` that users other than its owner cannot enter."""
+    for path in sorted(paths):
+        for folder in [*reversed(path.parents), path]:
+            try:
+                if folder.is_dir() and not folder.stat().st_mode & stat.S_IXOTH:
+                    return folder
+            except OSError:
+                return folder
+    return None
 
 
 def _unit_source(name: str) -> Path:

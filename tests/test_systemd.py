@@ -117,8 +117,7 @@ def exposure(unit: Path) -> float:
 def test_exposure_as_shipped(name: str) -> None:
     needs_systemd_analyze()
     score = exposure(SHIPPED_UNITS[name])
-    print(f"{name}: exposure {score}")
-    assert score <= MAX_EXPOSURE[name]
+    assert score <= MAX_EXPOSURE[name], f"{name}: exposure {score} > {MAX_EXPOSURE[name]}"
 
 
 @pytest.mark.parametrize("name", installer.UNITS)
@@ -255,7 +254,7 @@ def test_install_never_overwrites_a_config_but_restores_a_unit(tmp_path: Path) -
     assert f"ExecStart={installer.exec_path(AGENT)} serve" in unit.read_text()
     # no starter for the read-only unit without a starter agent.toml to take it from
     assert not (tmp_path / "etc" / "cmdgate-readonly" / "readonly.toml").exists()
-    assert "skipped" in done.stdout
+    assert f"skipped {tmp_path}/etc/cmdgate-readonly/readonly.toml" in done.stdout
 
 
 def test_uninstall_removes_units_and_keeps_config(tmp_path: Path) -> None:
@@ -282,7 +281,7 @@ def test_refuses_to_change_slash_unless_root(
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
 
-    def must_not_get_here() -> Path:
+    def must_not_get_here(*_: object) -> NoReturn:
         raise AssertionError("the root check must come first")
 
     # planning would find the agent before changing anything; this stops it even so
@@ -769,7 +768,7 @@ def test_install_enables_and_starts_once_listening(installed: Installed) -> None
     shown = ns.show(installer.UNIT)
     assert shown["Type"] == "notify"
     assert shown["ActiveState"] == "active"
-    assert shown["StatusText"] == "listening on port 7443"
+    assert "listening" in shown["StatusText"] and "7443" in shown["StatusText"]
     assert ns.systemctl("is-enabled", installer.UNIT).stdout.strip() == "enabled"
     # the files the unit asked systemd for, with the modes it asked for
     for folder in ("/etc/cmdgate", "/var/lib/cmdgate", "/var/log/cmdgate", "/run/cmdgate"):
@@ -870,6 +869,7 @@ def test_stop_drains_the_run_in_flight_and_audits_it(installed: Installed) -> No
     finally:
         if client.poll() is None:
             client.kill()
+            client.wait()
     assert ns.show(installer.UNIT)["ActiveState"] == "inactive", ns.journal(installer.UNIT)
     assert client.returncode == 0, out + err
     finished = [
@@ -887,7 +887,8 @@ def test_readonly_unit_runs_sandboxed(installed: Installed) -> None:
     done = ns.systemctl("enable", "--now", unit)
     assert done.returncode == 0, done.stderr + ns.journal(unit)
     shown = ns.show(unit)
-    assert (shown["ActiveState"], shown["StatusText"]) == ("active", "listening on port 7444")
+    assert shown["ActiveState"] == "active", ns.journal(unit)
+    assert "listening" in shown["StatusText"] and "7444" in shown["StatusText"]
     status = dict(
         line.split(":", 1)
         for line in ns.path(f"/proc/{shown['MainPID']}/status").read_text().splitlines()
