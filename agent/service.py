@@ -355,7 +355,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except OSError as e:
             log.error("audit of a denial failed (%s): %s", denial.reason, e)
         log.info(
-            "denied %s %s %r from %s: %s",
+            "denied %r %s %r from %s: %s",
             record["sub"],
             event,
             record["command"][:64],

@@ -46,8 +46,15 @@ step "cmdgate run $target echo 'message=hi; touch /tmp/pwned'   (no shell: inval
 rc=0; cmdgate run "$target" echo 'message=hi; touch /tmp/pwned' || rc=$?
 echo "exit code: $rc"; [ "$rc" -eq 64 ]
 
+step "stop the agent (SIGTERM): runs drain, the audit ends with a signed checkpoint"
+kill -TERM "$agent" && wait "$agent"; agent=""
+
 step "audit log: one record per decision, denials included ($dir/lab/audit.jsonl)"
 cat "$dir/lab/audit.jsonl"
+
+step "cmdgate audit verify: the hash chain and the checkpoint signatures"
+cmdgate audit verify "$dir/lab/audit.jsonl" --pubkey "$dir/lab/state/audit-key.pub"
+cmdgate audit summary "$dir/lab/audit.jsonl"
 
 step "agent log"
 cat "$dir/agent.log"
