@@ -14,6 +14,10 @@ write to /etc, /var and /dev. So before it starts, the namespace gets fresh tmpf
 /tmp, a read-only /sys and /proc/sys, its own cgroup, and a mask for every unit that would
 touch the host (tmpfiles, sysctl, binfmt, modules, udev, timesyncd, the timers...).
 Sentinel files in the host's /tmp and /var/tmp prove that they survived.
+
+A checkout (and venv) under /tmp or /var/tmp, as CI may make one, is carried over the
+fresh tmpfs: bound read-only at its own path, and into the read-only unit's private /tmp
+by a drop-in that exists only in the namespace's /etc.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ SHIPPED_UNITS = {name: REPO / "systemd" / name for name in installer.UNITS}
 REQUIRE_ENV = "CMDGATE_REQUIRE_SYSTEMD_TEST"
 BOOT_TIMEOUT = 30.0
 READY_MARKER = "cmdgate-test: namespace ready"
+# Where the namespace mounts a fresh tmpfs that would hide a checkout or venv on the host's.
+TMP_FOLDERS = (Path("/tmp"), Path("/var/tmp"))
 
 
 def run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -343,7 +349,12 @@ MASKED_UNITS = (
 # systemd. `set -e`: any step that fails stops it before systemd starts.
 BOOT_SCRIPT = r"""
 set -eu
-# A fresh /tmp first: it also holds the upper layers of the overlays below.
+# A fresh /run first: for a moment it holds what the fresh /tmp and /var/tmp would hide.
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+carried=/run/.cmdgate-carried
+mkdir -m 0700 "$carried"
+@CARRY_IN@
+# A fresh /tmp: it also holds the upper layers of the overlays below.
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 scratch=/tmp/.cmdgate-namespace
 mkdir -m 0700 "$scratch"
@@ -355,7 +366,9 @@ overlay() {  # writes below $1 land in the scratch tmpfs
 overlay /etc etc
 overlay /var var
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
-mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+# What was carried goes back to its own path, read-only: nothing in here writes to it.
+@CARRY_BACK@
+rmdir "$carried"
 @OPEN_FOLDERS@
 # /sys read-only, and a cgroup2 rooted at this namespace's own cgroup
 if mountpoint -q /sys/fs/cgroup; then umount -R /sys/fs/cgroup; fi
@@ -385,6 +398,7 @@ mkdir -p /etc/systemd/system
 for unit in @MASKED_UNITS@; do
     ln -sf /dev/null "/etc/systemd/system/$unit"
 done
+@DROP_IN@
 for folder in /tmp /var/tmp /etc /var /run /dev; do
     mountpoint -q "$folder"
 done
@@ -435,6 +449,20 @@ def paths_the_units_run_from() -> list[Path]:
     )
 
 
+def under_tmp(path: Path) -> bool:
+    return any(path.is_relative_to(folder) for folder in TMP_FOLDERS)
+
+
+def paths_to_carry(paths: Sequence[Path]) -> list[Path]:
+    """The outermost of ``paths`` below /tmp or /var/tmp, which the fresh tmpfs would hide."""
+    inside = [path for path in paths if under_tmp(path)]
+    return sorted(
+        path
+        for path in inside
+        if not any(path != other and path.is_relative_to(other) for other in inside)
+    )
+
+
 def why_not() -> str | None:
     if sys.platform != "linux":
         return f"it needs Linux, not {sys.platform}"
@@ -445,36 +473,86 @@ def why_not() -> str | None:
             return f"{tool} is not installed"
     if systemd_binary() is None or shutil.which("systemctl") is None:
         return "systemd is not installed (apt-get install systemd)"
-    for path in paths_the_units_run_from():
-        if path.is_relative_to("/tmp") or path.is_relative_to("/var/tmp"):
+    for path in paths_to_carry(paths_the_units_run_from()):
+        if path in TMP_FOLDERS:
             return (
-                f"{path} is under /tmp or /var/tmp: the namespace mounts a fresh /tmp so that "
-                "systemd's boot cannot wipe the host's, and the units would not see it there; "
-                "check out and set up the venv elsewhere"
+                f"the venv or checkout is {path} itself: the namespace mounts a fresh {path} "
+                "so that systemd's boot cannot wipe the host's, and cannot carry all of it over"
             )
+        if not str(path).isprintable():
+            return f"{str(path)!r}: a path with control characters cannot go in a unit"
     return None
 
 
-def closed_folders(paths: Sequence[Path]) -> list[Path]:
-    """Folders on the way to ``paths`` that other users cannot enter (e.g. /root, 0700)."""
+def closed_folders(paths: Sequence[Path], carried: Sequence[Path] = ()) -> list[Path]:
+    """Folders on the way to ``paths`` that other users cannot enter (e.g. /root, 0700),
+    but for those the namespace makes afresh, open, on the way to ``carried``."""
     closed: set[Path] = set()
     for path in paths:
         for folder in [*reversed(path.parents), path]:
             if folder.is_dir() and not folder.stat().st_mode & stat.S_IXOTH:
                 closed.add(folder)
-    return sorted(closed)
+    return sorted(
+        folder
+        for folder in closed
+        if not (under_tmp(folder) and any(folder in path.parents for path in carried))
+    )
+
+
+def carry_scripts(carried: Sequence[Path]) -> tuple[str, str]:
+    """Lines that bind each of ``carried`` into $carried (before the fresh tmpfs), and lines
+    that bind it back at its own path (after), read-only, and let go of the first bind."""
+    into: list[str] = []
+    back: list[str] = []
+    for i, path in enumerate(carried):
+        here, held = shlex.quote(str(path)), f'"$carried/{i}"'
+        if path.is_dir():
+            into.append(f"mkdir {held}")
+            back.append(f"(umask 022 && mkdir -p {here})")
+        else:
+            into.append(f"touch {held}")
+            back.append(f"(umask 022 && mkdir -p {shlex.quote(str(path.parent))} && touch {here})")
+        into.append(f"mount --bind {here} {held}")
+        back += [
+            f"mount --bind {held} {here}",
+            f"mount -o remount,bind,ro {here}",
+            f"umount {held}",
+            f"rm -d {held}",
+        ]
+    return "\n".join(into), "\n".join(back)
+
+
+def unit_path(path: Path) -> str:
+    """``path`` as a word of a unit setting: quoted, with \\, " and % escaped."""
+    escaped = str(path).replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def drop_in_script(carried: Sequence[Path]) -> str:
+    """Lines that write a drop-in binding ``carried`` into the read-only unit's private /tmp
+    (PrivateTmp=yes would hide them); none if there is nothing carried."""
+    if not carried:
+        return ""
+    folder = f"/etc/systemd/system/{installer.READONLY_UNIT}.d"
+    lines = [
+        "# Only in this test: the read-only unit's private /tmp would hide the carried paths.",
+        "[Service]",
+        *(f"BindReadOnlyPaths={unit_path(path)}" for path in carried),
+    ]
+    words = " ".join(shlex.quote(line) for line in lines)
+    return f"mkdir -p {folder}\nprintf '%s\\n' {words} > {folder}/cmdgate-test.conf"
 
 
 def open_folders_script(closed: Sequence[Path]) -> str:
     """Lines that let others enter ``closed`` inside the namespace only: an overlay on each
-    outermost one (those under /etc and /var already are), then chmod o+x."""
+    outermost one (those under /etc and /var but for /var/tmp already are), then chmod o+x."""
     lines: list[str] = []
     tops = [
         folder
         for folder in closed
         if not any(folder.is_relative_to(other) and folder != other for other in closed)
         and not folder.is_relative_to("/etc")
-        and not folder.is_relative_to("/var")
+        and not (folder.is_relative_to("/var") and not under_tmp(folder))
     ]
     for i, folder in enumerate(tops):
         lines.append(f"overlay {shlex.quote(str(folder))} open{i}")
@@ -660,10 +738,14 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Namespace]:
         sentinel.write_text("systemd must not clean this away\n")
     cgroup = make_cgroup()
     log = tmp_path_factory.mktemp("systemd") / "boot.log"
+    paths = paths_the_units_run_from()
+    carried = paths_to_carry(paths)
+    carry_in, carry_back = carry_scripts(carried)
     script = (
-        BOOT_SCRIPT.replace(
-            "@OPEN_FOLDERS@", open_folders_script(closed_folders(paths_the_units_run_from()))
-        )
+        BOOT_SCRIPT.replace("@CARRY_IN@", carry_in)
+        .replace("@CARRY_BACK@", carry_back)
+        .replace("@OPEN_FOLDERS@", open_folders_script(closed_folders(paths, carried)))
+        .replace("@DROP_IN@", drop_in_script(carried))
         .replace("@MASKED_UNITS@", " ".join(MASKED_UNITS))
         .replace("@READY_MARKER@", READY_MARKER)
         .replace("@SYSTEMD@", str(systemd_binary()))
