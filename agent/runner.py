@@ -328,7 +328,7 @@ class ProcessRun:
             return
         for timer in self._timers:
             timer.cancel()
-        if self.cgroup is not None:
+        if self.cgroup is not None and not self.cgroup.owner.recycle(self.cgroup):
             # rmdir waits for the last killed process to leave: not on the event loop
             self._loop.run_in_executor(None, self.cgroup.remove)
         code = self._returncode

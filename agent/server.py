@@ -112,6 +112,8 @@ class RunningAgent:
         await self.server.stop(1.0)
         await self.service.drain(0)
         await self.audit.close()
+        if self.service.cgroups:
+            self.service.cgroups.close()
         if self.service.metrics:
             self.service.metrics.close()
 
