@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lint typecheck proto proto-check pytest test-systemd clean
+.PHONY: demo test install lint typecheck proto proto-check pytest test-systemd bench bench-quick clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -28,6 +28,7 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy -p cmdgate -p tests
+	MYPYPATH=bench $(BIN)/mypy bench
 
 # Regenerate the committed gRPC code from proto/ with the pinned grpcio-tools.
 proto: install
@@ -47,6 +48,19 @@ test: lint typecheck pytest
 # private namespaces (needs root); `make pytest` runs it too, but may skip it.
 test-systemd: install
 	CMDGATE_REQUIRE_SYSTEMD_TEST=1 $(BIN)/pytest -q tests/test_systemd.py
+
+# Figures side by side with OpenSSH: BENCHMARKS.md and bench/latency.png.
+# The ssh columns need: apt-get install -y openssh-server openssh-client
+$(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=strict \
+	  >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	touch $@
+
+bench: install $(VENV)/.bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: BENCH_ARGS += --quick
+bench-quick: bench
 
 demo: install
 	@BIN=$(BIN) sh client/demo.sh

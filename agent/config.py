@@ -74,6 +74,8 @@ class ServerConfig:
     max_runs_per_identity: int = 32
     # HTTP/2 keepalive pings, so a long, silent command keeps its connection.
     keepalive_seconds: float = 60.0
+    # "auto": a cgroup per run where one is writable, else the subreaper; or insist on one.
+    process_control: str = "auto"
 
     @property
     def listen(self) -> str:
@@ -283,6 +285,9 @@ def _load_server(table: _Table, base: Path) -> ServerConfig:
     max_runs = table.integer("max_concurrent_runs", 256, low=1, high=100_000)
     per_identity = table.integer("max_runs_per_identity", 32, low=1, high=100_000)
     keepalive = _seconds(table, "keepalive_seconds", 60.0, low=1.0, high=7200.0)
+    process_control = table.string("process_control", "auto")
+    if process_control not in ("auto", "cgroup", "subreaper"):
+        table.fail("process_control", "must be auto, cgroup or subreaper")
     table.finish()
     return ServerConfig(
         target.host,
@@ -296,6 +301,7 @@ def _load_server(table: _Table, base: Path) -> ServerConfig:
         max_runs,
         per_identity,
         keepalive,
+        process_control,
     )
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from cmdgate.agent.cgroups import RunCgroup
 from cmdgate.agent.errors import SpawnFailed
+from cmdgate.agent.subreaper import OrphanSweeper
 from cmdgate.agent.templates import Limits, RunAs
 from cmdgate.shared.wire import MAX_CHUNK_BYTES
 
@@ -82,11 +83,15 @@ class ProcessRun:
         run_as: RunAs | None = None,
         cgroup: RunCgroup | None = None,
         limits: Limits | None = None,
+        sweeper: OrphanSweeper | None = None,
     ) -> None:
         self.argv = tuple(argv)
         self.run_as = run_as
         self.cgroup = cgroup
         self.limits = limits or Limits()
+        # without a cgroup: finds what escaped the process group, as the agent's orphans
+        self.sweeper = sweeper
+        self._born = 0.0
         self.env = dict(env)
         self.cwd = cwd
         self.timeout_seconds = timeout_seconds
@@ -171,6 +176,9 @@ class ProcessRun:
         self._started_at = time.monotonic()
         proc = self._proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        if self.sweeper is not None:
+            self.sweeper.leaders.add(proc.pid)
+            self._born = self.sweeper.create_time(proc.pid)
         try:
             self._pidfd = os.pidfd_open(proc.pid)
         except OSError as e:
@@ -240,6 +248,9 @@ class ProcessRun:
                 self.cgroup.kill()
             else:
                 self.cgroup.signal_all(sig)
+        elif self.sweeper is not None and self._proc is not None and not self._reaped.is_set():
+            # descendants that changed process group but are still attached to the leader
+            self.sweeper.signal_run(self._proc.pid, sig)
         # Only while the leader is unreaped: its pid, and so the group id, cannot be reused.
         if self._proc is None or self._reaped.is_set():
             return
@@ -303,7 +314,12 @@ class ProcessRun:
             os.killpg(self._proc.pid, signal.SIGKILL)
         if self.cgroup is not None:
             self.cgroup.kill()
+        elif self.sweeper is not None:
+            # the leader's orphans are the agent's now (subreaper): none outlives the run
+            self.sweeper.kill_orphans(born_after=self._born)
         self._returncode = self._proc.wait()
+        if self.sweeper is not None:
+            self.sweeper.leaders.discard(self._proc.pid)
         self._duration_ms = int((time.monotonic() - self._started_at) * 1000)
         os.close(self._pidfd)
         self._pidfd = -1

@@ -43,7 +43,10 @@ class Notifier:
         message = "\n".join(fields).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(message, self.address)
+                # never block the event loop on a service manager that does not read
+                sock.sendto(message, socket.MSG_DONTWAIT, self.address)
+        except BlockingIOError:
+            log.debug("sd_notify: %s is full, message dropped", self.address.lstrip("\0"))
         except OSError as e:
             log.warning("sd_notify to %s failed: %s", self.address.lstrip("\0"), e)
 

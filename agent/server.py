@@ -21,6 +21,7 @@ from cmdgate.agent.config import AgentConfig, load_config
 from cmdgate.agent.errors import ConfigError
 from cmdgate.agent.metrics import Metrics
 from cmdgate.agent.service import AgentService, AgentState
+from cmdgate.agent.subreaper import OrphanSweeper, become_subreaper
 from cmdgate.agent.templates import Limits
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
@@ -114,8 +115,30 @@ class RunningAgent:
         await self.audit.close()
         if self.service.cgroups:
             self.service.cgroups.close()
+        if self.service.sweeper:
+            self.service.sweeper.stop()
         if self.service.metrics:
             self.service.metrics.close()
+
+
+def _process_control(config: AgentConfig) -> tuple[RunCgroups | None, OrphanSweeper | None]:
+    """A cgroup per run where possible (or required); else the agent as a subreaper."""
+    mode = config.server.process_control
+    cgroups = RunCgroups.probe() if mode != "subreaper" else None
+    if cgroups is not None:
+        return cgroups, None
+    if mode == "cgroup":
+        raise ConfigError(
+            f"{config.source}: server.process_control: 'cgroup' is required but no writable "
+            "cgroup v2 is available to the agent (under systemd: Delegate=yes)"
+        )
+    if not become_subreaper():
+        log.warning("neither a cgroup nor a subreaper: escaped processes may outlive runs")
+        return None, None
+    log.info("no cgroup per run: the agent is a subreaper and sweeps escaped processes")
+    sweeper = OrphanSweeper()
+    sweeper.start()
+    return None, sweeper
 
 
 def _check_limits(config: AgentConfig, cgroups: RunCgroups | None) -> None:
@@ -163,7 +186,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     except OSError as e:
         # a full disk need not keep the agent down: every run is refused until it has room
         log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
-    cgroups = RunCgroups.probe()
+    cgroups, sweeper = _process_control(config)
     _check_limits(config, cgroups)
     metrics = None
     if config.metrics.enabled:
@@ -172,7 +195,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
             metrics.serve(config.metrics.listen_host, config.metrics.listen_port)
         except OSError as e:
             raise ConfigError(f"{config.source}: metrics.listen: {e.strerror}") from None
-    service = AgentService(AgentState.from_config(config), audit, cgroups, metrics)
+    service = AgentService(AgentState.from_config(config), audit, cgroups, metrics, sweeper)
     server = aio.server(options=server_options(config))
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

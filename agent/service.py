@@ -45,6 +45,7 @@ from cmdgate.agent.errors import (
 )
 from cmdgate.agent.metrics import Metrics
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
+from cmdgate.agent.subreaper import OrphanSweeper
 from cmdgate.agent.templates import (
     CommandTemplate,
     Limits,
@@ -97,11 +98,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         audit: AuditLog,
         cgroups: RunCgroups | None = None,
         metrics: Metrics | None = None,
+        sweeper: OrphanSweeper | None = None,
     ) -> None:
         self.state = state
         self.audit = audit
         self.cgroups = cgroups
         self.metrics = metrics
+        self.sweeper = sweeper
         self._runs: set[ProcessRun] = set()
         self._no_runs = asyncio.Event()
         self._no_runs.set()
@@ -220,6 +223,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             run_as=template.run_as,
             cgroup=cgroup,
             limits=limits,
+            sweeper=self.sweeper,
         )
 
     def _admit(self, state: AgentState, subject: str) -> None:

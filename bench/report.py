@@ -23,6 +23,7 @@ class Setting:
     """What the run was: mode, the ssh baseline (or why there is none), and its login shell."""
 
     mode: str
+    revision: str  # the git revision measured, taken at the start of the run
     ssh_version: str | None
     ssh_skipped_because: str | None
     ssh_login: str | None
@@ -31,6 +32,18 @@ class Setting:
     # 1-minute load averages before and after: a busy machine shows here
     load_before: float
     load_after: float
+    # share of the run's time in which some runnable task waited for a CPU (PSI), if known
+    cpu_pressure: float | None
+
+
+def cpu_pressure_total() -> float | None:
+    """Seconds in which some task waited for a CPU since boot (Linux PSI), or None."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(item.split("=", 1) for item in first.split()[1:])
+    return int(fields["total"]) / 1e6 if "total" in fields else None
 
 
 def _cpu_model() -> str:
@@ -43,7 +56,8 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_revision(repo: Path) -> str:
+def git_revision(repo: Path) -> str:
+    """The short commit of ``repo``, and whether tracked files differ from it."""
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],  # noqa: S607
@@ -134,12 +148,18 @@ def write_markdown(
         f"({psutil.cpu_count(logical=False) or '?'} physical)",
         f"- memory: {memory:.1f} GiB",
         f"- load average (1 min) before the run {setting.load_before:.2f}, "
-        f"after it {setting.load_after:.2f}",
+        f"after it {setting.load_after:.2f}"
+        + (
+            f"; CPU pressure during the run (PSI `some`, the benchmark itself included): "
+            f"{setting.cpu_pressure:.0f} %"
+            if setting.cpu_pressure is not None
+            else ""
+        ),
         f"- kernel: {platform.system()} {platform.release()}",
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- grpcio {grpc.__version__}",
         f"- OpenSSH: {setting.ssh_version or 'not installed'}",
-        f"- cmdgate {cmdgate.__version__}, git {_git_revision(repo)}",
+        f"- cmdgate {cmdgate.__version__}, git {setting.revision}",
         f"- date: {now}",
         "",
     ]

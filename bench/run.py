@@ -23,11 +23,11 @@ from pathlib import Path
 from types import FrameType
 
 import figures
-from agents import make_lab, start_agent
+from agents import RunningAgent, make_lab, start_agent
 from figures import FULL, QUICK, Figure
 from openssh import INSTALL_HINT, SshEndpoint, SshUnavailable, ssh_version, start_sshd
-from processes import Processes, free_port
-from report import Setting, write_markdown, write_plot
+from processes import Processes, free_port, tail
+from report import Setting, cpu_pressure_total, git_revision, write_markdown, write_plot
 
 REPO = Path(__file__).resolve().parent.parent
 ALL_FIGURES = frozenset(range(1, 8))
@@ -103,11 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.monotonic()
     load_before = os.getloadavg()[0]
+    pressure_before = cpu_pressure_total()
+    revision = git_revision(REPO)
     processes = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="cmdgate-bench-"))
     results: list[Figure] = []
     panels: list[tuple[str, dict[str, list[float]]]] = []
     ssh: SshEndpoint | None = None
+    agent: RunningAgent | None = None
     skipped: str | None = "--no-ssh" if args.no_ssh else None
     try:
         if not args.no_ssh:
@@ -162,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted; stopping what was started")
         return 130
+    except Exception:
+        if agent is not None and agent.process.poll() is not None:
+            # the likeliest cause of a failed call: say so, with the agent's last words
+            _say(f"the agent exited with {agent.process.returncode} during the run:")
+            print(tail(agent.log), file=sys.stderr)
+        raise
     finally:
         processes.stop_all()
         if args.keep:
@@ -176,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_plot(plot, panels)
     setting = Setting(
         mode="quick" if args.quick else "full",
+        revision=revision,
         ssh_version=ssh_version(),
         ssh_skipped_because=skipped,
         ssh_login=None if ssh is None else _describe_login(ssh),
@@ -183,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elapsed_seconds=time.monotonic() - started,
         load_before=load_before,
         load_after=os.getloadavg()[0],
+        cpu_pressure=_pressure_share(pressure_before, time.monotonic() - started),
     )
     write_markdown(markdown, results, setting, plot if panels else None, REPO)
     if args.json:
@@ -198,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{(time.monotonic() - started) / 60:.1f} min"
     )
     return 0
+
+
+def _pressure_share(before: float | None, elapsed: float) -> float | None:
+    after = cpu_pressure_total()
+    if before is None or after is None or elapsed <= 0:
+        return None
+    return 100 * (after - before) / elapsed
 
 
 def _record_with_py_spy(output: Path, pid: int, processes: Processes, workdir: Path) -> None:

@@ -6,6 +6,7 @@ The agent runs as a real process; the test plays systemd's part by binding the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import pytest
 
 from cmdgate.agent.lab import LabPaths
 from cmdgate.client import AgentUnavailable, Started
-from tests.support import Agent, AgentThread, Keys, agent_toml, pid_alive
+from tests.support import Agent, AgentThread, Keys, agent_toml, pid_alive, wait_until
 
 AGENT = Path(sys.executable).parent / "cmdgate-agent"
 
@@ -52,22 +53,30 @@ class ServiceManager:
         raise AssertionError(f"no {key}={value} within {timeout}s; got {self.messages}")
 
 
-@pytest.fixture
-def served(
-    lab: LabPaths, keys: Keys, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], ServiceManager, Agent]]:
+Served = tuple[subprocess.Popen[bytes], ServiceManager, Agent]
+
+
+@contextlib.contextmanager
+def serve(lab: LabPaths, keys: Keys, tmp_path: Path, server_extra: str = "") -> Iterator[Served]:
+    """``cmdgate-agent serve`` in a process of its own, under a fake service manager."""
     root = tmp_path / "agent"
     marker_dir = root / "markers"
     marker_dir.mkdir(parents=True)
     config = root / "agent.toml"
-    text = agent_toml(lab, keys, marker_dir, root / "audit.jsonl")
-    config.write_text(text.replace("[server]\n", "[server]\ndrain_grace_seconds = 1\n", 1))
+    config.write_text(
+        agent_toml(
+            lab,
+            keys,
+            marker_dir,
+            root / "audit.jsonl",
+            server_extra="drain_grace_seconds = 1\n" + server_extra,
+        )
+    )
     manager = ServiceManager(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
     env.update(NOTIFY_SOCKET=str(manager.path), WATCHDOG_USEC="400000")
-    process = subprocess.Popen(
-        [str(AGENT), "serve", "--config", str(config)], env=env, stderr=subprocess.PIPE
-    )
+    log = open(root / "agent.log", "wb")  # noqa: SIM115 - closed in the finally below
+    process = subprocess.Popen([str(AGENT), "serve", "--config", str(config)], env=env, stderr=log)
     try:
         ready = manager.wait_for("READY", "1")
         port = re.search(r"port (\d+)", ready.get("STATUS", ""))
@@ -86,9 +95,14 @@ def served(
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
-        assert process.stderr is not None
-        process.stderr.close()
+        log.close()
         manager.sock.close()
+
+
+@pytest.fixture
+def served(lab: LabPaths, keys: Keys, tmp_path: Path) -> Iterator[Served]:
+    with serve(lab, keys, tmp_path) as running:
+        yield running
 
 
 def test_ready_only_once_listening_then_watchdog_beats(
@@ -135,3 +149,24 @@ def test_sigterm_drains_refuses_new_runs_and_records_every_end(
     assert len(finished) == len(started) >= 1
     assert finished[-1]["cancelled"] is True
     assert records[-1]["event"] == "checkpoint" and records[-1]["final"] is True
+
+
+def test_without_cgroups_the_subreaper_leaves_no_survivor(
+    lab: LabPaths, keys: Keys, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pids"
+    with serve(lab, keys, tmp_path, 'process_control = "subreaper"') as (process, _, agent):
+        with agent.client() as client:
+            result = client.run("probe", {"mode": "tree", "arg": str(pid_file)}, timeout=1)
+        assert result.timed_out
+        pids = [int(p) for p in pid_file.read_text().split()]
+        try:
+            # leader, child, and the double-forked, setsid'ed grandchild: the agent adopted
+            # the grandchild as a subreaper, and killed and reaped it with its run
+            assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=15)
+        finally:
+            for pid in pids:
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
