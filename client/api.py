@@ -14,13 +14,16 @@ from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import grpc
 
-from cmdgate.shared.auditlog import AuditFilter
 from cmdgate.shared.wire import AUTHORIZATION_KEY, BEARER_PREFIX, is_loopback, parse_target
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
+
+if TYPE_CHECKING:
+    # only audit_query needs it; importing it (and cryptography) slows every `cmdgate run`
+    from cmdgate.shared.auditlog import AuditFilter
 
 # The agent's timeout kills the command; the call's own deadline only needs to
 # outlast it by enough to carry the final event back.
@@ -316,6 +319,8 @@ class Client:
     ) -> Iterator[dict[str, Any]]:
         """The agent's own audit records matching ``wanted``, oldest first (the newest
         ``limit``). Needs a token whose audit claim is true."""
+        from cmdgate.shared.auditlog import AuditFilter
+
         wanted = wanted or AuditFilter()
         request = agent_pb2.AuditQueryRequest(
             sub=wanted.sub,
