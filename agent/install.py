@@ -381,18 +381,7 @@ def _write_starter(config_dir: Path) -> None:
 
 def _restrict(paths: LabPaths) -> None:
     """0700 folders, 0600 files: /etc/cmdgate is root's alone."""
-    files = (
-        paths.config,
-        paths.ca_cert,
-        paths.server_cert,
-        paths.server_key,
-        paths.client_cert,
-        paths.client_key,
-        paths.signing_key,
-        paths.jwks,
-        paths.token,
-        paths.client_env,
-    )
+    files = (paths.config, *paths.written)
     try:
         for folder in {paths.root, paths.ca_cert.parent, paths.signing_key.parent}:
             os.chmod(folder, 0o700)

@@ -73,6 +73,21 @@ class LabPaths:
     client_env: Path
     audit: Path
 
+    @property
+    def written(self) -> tuple[Path, ...]:
+        """The files ``write_lab`` writes besides ``agent.toml``."""
+        return (
+            self.ca_cert,
+            self.server_cert,
+            self.server_key,
+            self.client_cert,
+            self.client_key,
+            self.signing_key,
+            self.jwks,
+            self.token,
+            self.client_env,
+        )
+
 
 @dataclass(frozen=True)
 class _LabTemplate:
@@ -217,18 +232,7 @@ def _refuse_existing(paths: LabPaths) -> None:
     if paths.config.exists():
         raise LabError(f"{paths.config}: already exists; refusing to overwrite a lab")
     # checked up front so a half-written lab is never left behind next to old files
-    outputs = (
-        paths.ca_cert,
-        paths.server_cert,
-        paths.server_key,
-        paths.client_cert,
-        paths.client_key,
-        paths.signing_key,
-        paths.jwks,
-        paths.token,
-        paths.client_env,
-    )
-    for path in outputs:
+    for path in paths.written:
         if path.exists() or path.is_symlink():
             raise LabError(f"{path}: already exists; refusing to overwrite it")
 
