@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -132,6 +133,7 @@ class AuditLog:
         self._flusher: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._reopen_requested = False
+        self._closed = False
 
     @property
     def seq(self) -> int:
@@ -203,6 +205,7 @@ class AuditLog:
                 log.error("final audit checkpoint failed: %s", e)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        self._closed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -222,21 +225,20 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending, []
-            head = _ChainHead(self._head.seq, self._head.hash)
-            lines, since = self._chain_batch(batch, head)
-            final = b""
-            if self._needs_rotation(sum(map(len, lines))):
-                # the old file ends with a signed checkpoint, so a cut tail shows there too
-                head = _ChainHead(self._head.seq, self._head.hash)
-                final = self._chain(head, self._checkpoint_fields("rotate", final=True))
-                lines, since = self._chain_batch(batch, head)
             try:
-                await loop.run_in_executor(
-                    None, self._write_batch, final + b"".join(lines), len(final)
-                )
-            except OSError as e:
-                log.error("audit write to %s failed: %s", self.path, e)
-                error = OSError(e.errno, f"audit log {self.path}: {e.strerror}")
+                head = self._head_copy()
+                lines, since = self._chain_batch(batch, head)
+                if self._needs_rotation(sum(map(len, lines))):
+                    await self._rotate_now(loop)
+                    head = self._head_copy()
+                    lines, since = self._chain_batch(batch, head)
+                await loop.run_in_executor(None, self._write_batch, b"".join(lines))
+            except Exception as e:  # every waiter must hear, whatever broke
+                if not isinstance(e, OSError):
+                    log.exception("audit writer failed")
+                reason = e.strerror if isinstance(e, OSError) else repr(e)
+                log.error("audit write to %s failed: %s", self.path, reason)
+                error = OSError(getattr(e, "errno", None), f"audit log {self.path}: {reason}")
                 for item in batch:
                     if item.future is not None and not item.future.done():
                         item.future.set_exception(error)
@@ -246,7 +248,33 @@ class AuditLog:
                 if item.future is not None and not item.future.done():
                     item.future.set_result(None)
             if self.config.log_records:
-                self._log_records([final, *lines] if final else lines)
+                self._log_records(lines)
+
+    def _head_copy(self) -> _ChainHead:
+        return _ChainHead(self._head.seq, self._head.hash)
+
+    async def _rotate_now(self, loop: asyncio.AbstractEventLoop) -> None:
+        """End the file with a signed final checkpoint, then start a new one. Once that
+        checkpoint is on disk the chain has moved on, whether or not the rename worked."""
+        head = self._head_copy()
+        final = self._chain(head, self._checkpoint_fields("rotate", final=True))
+        try:
+            await loop.run_in_executor(None, self._write_batch, final)
+        except OSError as e:
+            log.error(
+                "audit log %s: the rotation checkpoint failed, not rotating: %s",
+                self.path,
+                e.strerror,
+            )
+            return
+        self._head, self._since_checkpoint = head, 0
+        if self.config.log_records:
+            self._log_records([final])
+        try:
+            await loop.run_in_executor(None, self._rotate)
+        except OSError as e:
+            # the records are safe either way: keep appending to the file we have
+            log.error("audit log rotation of %s failed, continuing in it: %s", self.path, e)
 
     def _chain_batch(self, batch: list[_Pending], head: _ChainHead) -> tuple[list[bytes], int]:
         """The batch's lines chained after ``head`` (which advances), with the checkpoints
@@ -294,22 +322,16 @@ class AuditLog:
         limit = self.config.max_bytes
         return limit > 0 and self._size > 0 and self._size + incoming > limit
 
-    def _write_batch(self, data: bytes, rotate_after: int) -> None:
-        """Write ``data`` and fsync; when ``rotate_after``, its first bytes end the old file."""
+    def _write_batch(self, data: bytes) -> None:
+        """Write ``data`` and fsync (reopening the file first if asked or needed)."""
+        if self._closed:
+            raise OSError(errno.EBADF, "the audit log is closed")
         if self._reopen_requested or self._fd is None:
             self._reopen_requested = False
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
             self._open_file()
-        if rotate_after:
-            self._append(data[:rotate_after])
-            try:
-                self._rotate()
-            except OSError as e:
-                # the records are safe either way: keep appending to the file we have
-                log.error("audit log rotation of %s failed, continuing in it: %s", self.path, e)
-            data = data[rotate_after:]
         self._append(data)
 
     def _append(self, data: bytes) -> None:
@@ -328,7 +350,8 @@ class AuditLog:
         self._size = start + len(data)
 
     def _rotate(self) -> None:
-        assert self._fd is not None
+        if self._fd is None:
+            return
         first = first_record(self.path)
         first_seq = first["seq"] if first and isinstance(first.get("seq"), int) else 0
         # named by the first seq it holds, so that the names sort in chain order
@@ -346,7 +369,11 @@ class AuditLog:
 
     def _log_records(self, lines: Iterable[bytes]) -> None:
         # journald and log shippers carry these; the file stays the record of truth
-        out = sys.stdout.buffer
-        for line in lines:
-            out.write(line)
-        out.flush()
+        try:
+            out = sys.stdout.buffer
+            for line in lines:
+                out.write(line)
+            out.flush()
+        except (OSError, ValueError) as e:
+            # the file is the record of truth; a broken stdout must not stop the writer
+            log.warning("could not copy audit records to stdout: %s", e)

@@ -190,6 +190,12 @@ class RunCgroups:
             return False
         if cgroup.pids_v1 is not None and (cgroup.pids_v1 / "cgroup.procs").read_text().strip():
             return False
+        try:
+            # lifted now, not at the next spawn: the agent steps in there, and its own
+            # threads must not meet the last run's pids.max or memory.max
+            cgroup.limit(Limits())
+        except OSError:
+            return False
         self._spares.append(cgroup)
         return True
 
@@ -250,6 +256,10 @@ class RunCgroup:
 
     def kill(self) -> None:
         """SIGKILL everything in the run at once; nothing inside can fork its way out."""
+        if os.getpid() in self.pids():
+            # the agent failed to step back out: killing the cgroup would kill the agent
+            log.error("the agent is still inside %s; not killing it", self.path)
+            return
         with contextlib.suppress(OSError):
             _write(self.path / "cgroup.kill", "1")
 

@@ -100,13 +100,19 @@ def _serve(config: AgentConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         reloads: set[asyncio.Task[None]] = set()
+        one_at_a_time = asyncio.Lock()
 
         async def reload() -> None:
-            notifier.reloading()
-            await agent.reload(config.source)
-            notifier.ready()
+            async with one_at_a_time:  # a later SIGHUP's config must win, not a slower one
+                notifier.reloading()
+                try:
+                    await agent.reload(config.source)
+                finally:
+                    notifier.ready()
 
         def on_sighup() -> None:
+            if stop.is_set():
+                return  # stopping: the audit log is closing, nothing to reload into
             # re-read the config and keys; reopen the audit file (logrotate)
             log.info("SIGHUP: reloading %s", config.source)
             task = asyncio.create_task(reload())

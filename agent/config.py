@@ -226,6 +226,8 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         raise ConfigError(f"{file}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{file}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8: {e}") from None
     base = file.resolve().parent
     top = _Table(file, "", data)
     server = _load_server(top.table("server"), base)

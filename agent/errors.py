@@ -88,6 +88,17 @@ class AgentStopping(CallDenied):
         super().__init__("AGENT_STOPPING", "new runs are refused while the agent drains")
 
 
+class CancelledBeforeStart(CallDenied):
+    """The caller left, or the agent began to stop, after the run was recorded as started
+    but before its command was spawned."""
+
+    status = grpc.StatusCode.CANCELLED
+    default_message = "cancelled before the command started"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("CANCELLED_BEFORE_START", detail)
+
+
 class SpawnFailed(CallDenied):
     """The template was valid at load time but the process could not be started."""
 

@@ -155,6 +155,8 @@ class ProcessRun:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         run_as = self.run_as
+        if run_as is not None and (run_as.uid, run_as.gid) == (os.geteuid(), os.getegid()):
+            run_as = None  # already that user; setgroups would need CAP_SETGID for nothing
         # No preexec_fn: it is unsafe with threads, and gRPC has threads.
         return subprocess.Popen(
             self.argv,
@@ -183,11 +185,9 @@ class ProcessRun:
             self._pidfd = os.pidfd_open(proc.pid)
         except OSError as e:
             # without a pidfd the run cannot be watched: it must not run unwatched
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+            self._abandon()
+            if self.sweeper is not None:
+                self.sweeper.leaders.discard(proc.pid)
             raise SpawnFailed(f"pidfd_open: {e.strerror}") from None
         self._loop.add_reader(self._pidfd, self._on_leader_exit)
         for name, pipe in ((StreamName.STDOUT, proc.stdout), (StreamName.STDERR, proc.stderr)):

@@ -69,7 +69,9 @@ class RunningAgent:
         try:
             config = await loop.run_in_executor(None, load_config, path)
             _check_limits(config, self.service.cgroups)
-        except ConfigError as e:
+        except Exception as e:  # a reload must never take the agent down, nor half-apply
+            if not isinstance(e, ConfigError):
+                log.exception("reload failed unexpectedly")
             log.error("reload refused, the old config stays: %s", e)
             with contextlib.suppress(OSError):
                 await self.audit.write(

@@ -38,6 +38,7 @@ from cmdgate.agent.errors import (
     AgentStopping,
     AuditUnavailable,
     CallDenied,
+    CancelledBeforeStart,
     InvalidParameters,
     NotPermitted,
     RateLimited,
@@ -106,6 +107,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.metrics = metrics
         self.sweeper = sweeper
         self._runs: set[ProcessRun] = set()
+        # set while no run is admitted (spawned or about to be): what a stop waits for
         self._no_runs = asyncio.Event()
         self._no_runs.set()
         self._endings: set[asyncio.Future[None]] = set()
@@ -147,12 +149,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             await self._write_allowed(context, "run.started", record)
             try:
+                if self.draining:
+                    # admitted before the stop began, recorded after: refused all the same
+                    raise AgentStopping()
                 run = self._new_run(template, rendered.argv, timeout, record["run_id"])
                 run.start()
             except CallDenied as failure:
                 await self._write_finished(record, None, failure)
                 log.error("run %s: %s", record["run_id"], failure.detail)
                 await context.abort(failure.status, failure.client_message)
+        except asyncio.CancelledError:
+            # the started record may be on disk: end it, even though nothing ran
+            ending = asyncio.ensure_future(
+                self._write_finished(
+                    record, None, CancelledBeforeStart("the client left before the spawn")
+                )
+            )
+            self._endings.add(ending)
+            ending.add_done_callback(self._endings.discard)
+            self._release(claims.subject)
+            raise
         except BaseException:
             self._release(claims.subject)
             raise
@@ -160,7 +176,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             "run %s: %r started %s pid %d", record["run_id"], record["sub"], template.name, run.pid
         )
         self._runs.add(run)
-        self._no_runs.clear()
         if self.metrics:
             self.metrics.in_flight.inc()
         completed = False
@@ -194,8 +209,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._write_finished(record, run.outcome, None)
         finally:
             self._runs.discard(run)
-            if not self._runs:
-                self._no_runs.set()
             if self.metrics:
                 self.metrics.in_flight.dec()
             self._release(record["sub"])
@@ -240,11 +253,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 f"max_runs_per_identity is {server.max_runs_per_identity}"
             )
         self._in_flight[subject] += 1
+        self._no_runs.clear()
 
     def _release(self, subject: str) -> None:
         self._in_flight[subject] -= 1
         if self._in_flight[subject] <= 0:
             del self._in_flight[subject]
+        if not self._in_flight:
+            self._no_runs.set()
 
     async def drain(self, grace: float) -> None:
         """Let runs in flight finish for ``grace`` seconds, then kill what still runs, and
@@ -292,7 +308,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             "run_id": request.run_id,
             "limit": request.limit,
         }
-        record["query"] = {k: v for k, v in query.items() if v}
+        # capped like a run's parameters: a caller without a token can send these too
+        record["query"] = {k: _capped(str(v), 256) for k, v in query.items() if v}
         try:
             claims = self._authenticate(state, context, record)
             claim = state.config.auth.audit_claim

@@ -39,6 +39,11 @@ argv = [{json.dumps(sys.executable)}, {json.dumps(str(PROBE))}, "forkbomb"]
 timeout_seconds = 20
 [commands.bomb.limits]
 pids = 20
+
+[commands.tiny]
+argv = ["/bin/true"]
+[commands.tiny.limits]
+pids = 2
 """
 
 
@@ -84,6 +89,17 @@ def test_a_fork_bomb_hits_its_pids_limit_and_the_agent_carries_on(fresh: Agent) 
     made = int(result.stdout)
     assert 0 < made < 20, made  # the leader counts too
     assert result.exit_code == 0
+
+
+def test_a_reused_cgroup_does_not_keep_the_last_runs_limits(fresh: Agent) -> None:
+    if fresh.thread.running.service.cgroups is None:
+        pytest.skip("no writable cgroup here")
+    with fresh.client(fresh.token(["tiny", "probe"])) as client:
+        for _ in range(3):
+            assert client.run("tiny").exit_code == 0
+            # the agent steps into a recycled cgroup to spawn: pids.max 2 must be gone
+            result = client.run("probe", {"mode": "argv", "arg": "after"})
+            assert json.loads(result.stdout) == ["after"]
 
 
 def test_limits_a_host_cannot_enforce_are_a_startup_error(
@@ -172,6 +188,17 @@ def test_reload_swaps_the_allowlist_and_keeps_runs_in_flight(fresh: Agent) -> No
         assert b"".join(e.data for e in rest if isinstance(e, Output)) == b"xy"
         assert isinstance(rest[-1], Exited) and rest[-1].exit_code == 0
     assert fresh.last_audit("config.reloaded")["commands"].count("later") == 1
+
+
+def test_a_config_that_is_not_utf8_is_refused_on_reload(fresh: Agent) -> None:
+    config = fresh.thread.config.source
+    original = config.read_bytes()
+    config.write_bytes(original + b"\n# \xff\xfe\n")
+    try:
+        assert reload(fresh) is False
+        assert "not UTF-8" in fresh.last_audit("config.reload_failed")["detail"]
+    finally:
+        config.write_bytes(original)
 
 
 def test_a_bad_config_on_reload_keeps_the_old_one(fresh: Agent) -> None:
