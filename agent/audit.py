@@ -120,10 +120,16 @@ class _Pending:
 class AuditLog:
     """Appends chained records to ``config.path``; ``await write(...)`` returns once on disk."""
 
-    def __init__(self, config: AuditConfig, key: ed25519.Ed25519PrivateKey) -> None:
+    def __init__(
+        self, config: AuditConfig, key: ed25519.Ed25519PrivateKey, head_file: Path | None = None
+    ) -> None:
         self.config = config
         self.path = config.path
         self._key = key
+        # where the chain stood at the last checkpoint, kept apart from the log itself, so
+        # that log files deleted while the agent was down show as a gap, not as nothing
+        self.head_file = head_file
+        self.missing: tuple[int, int] | None = None
         self.key_id = key_id(key.public_key())
         self._fd: int | None = None
         self._size = 0
@@ -153,7 +159,33 @@ class AuditLog:
         )
         if newest is not None and isinstance(newest.get("seq"), int):
             self._head = _ChainHead(newest["seq"], str(newest.get("hash", GENESIS)))
+        known = self._read_head_file()
+        if known is not None and known > self._head.seq:
+            self.missing = (self._head.seq + 1, known)
+            log.error(
+                "audit log %s ends at seq %d, but a checkpoint at seq %d was written: "
+                "records are missing",
+                self.path,
+                self._head.seq,
+                known,
+            )
         self._open_file()
+
+    def _read_head_file(self) -> int | None:
+        if self.head_file is None:
+            return None
+        try:
+            seq = json.loads(self.head_file.read_text()).get("seq")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return seq if isinstance(seq, int) else None
+
+    def _write_head_file(self) -> None:
+        if self.head_file is None:
+            return
+        tmp = self.head_file.with_name(self.head_file.name + ".tmp")
+        tmp.write_text(json.dumps({"seq": self._head.seq, "hash": self._head.hash}))
+        os.replace(tmp, self.head_file)
 
     def _open_file(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -247,6 +279,9 @@ class AuditLog:
             for item in batch:
                 if item.future is not None and not item.future.done():
                     item.future.set_result(None)
+            if any(b'"event":"checkpoint"' in line for line in lines):
+                with contextlib.suppress(OSError):
+                    self._write_head_file()
             if self.config.log_records:
                 self._log_records(lines)
 
@@ -268,6 +303,8 @@ class AuditLog:
             )
             return
         self._head, self._since_checkpoint = head, 0
+        with contextlib.suppress(OSError):
+            self._write_head_file()
         if self.config.log_records:
             self._log_records([final])
         try:

@@ -173,7 +173,7 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
         key = load_or_create_audit_key(config.server.state_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{config.source}: server.state_dir: audit key: {e}") from None
-    audit = AuditLog(config.audit, key)
+    audit = AuditLog(config.audit, key, config.server.state_dir / "audit-head.json")
     try:
         audit.open()
     except OSError as e:
@@ -188,6 +188,14 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     except OSError as e:
         # a full disk need not keep the agent down: every run is refused until it has room
         log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
+    if audit.missing is not None:
+        # said in the chain itself, so that `cmdgate audit verify` names the gap
+        first, last = audit.missing
+        with contextlib.suppress(OSError):
+            await audit.write(
+                "chain.gap",
+                {"reason": "RECORDS_MISSING", "first_missing": first, "last_missing": last},
+            )
     cgroups, sweeper = _process_control(config)
     _check_limits(config, cgroups)
     metrics = None

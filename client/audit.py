@@ -87,8 +87,13 @@ def verify_logs(
     paths: Sequence[Path],
     public_key: ed25519.Ed25519PublicKey | None = None,
     now: datetime.datetime | None = None,
+    partial: bool = False,
 ) -> VerifyReport:
-    """Check the chain, seq continuity and checkpoint signatures across ``paths``."""
+    """Check the chain, seq continuity and checkpoint signatures across ``paths``.
+
+    Unless ``partial``, the files must be the whole log: starting at seq 1 and not
+    ending where a file was rotated away.
+    """
     ordered = chain_order(paths)
     report = VerifyReport(files=len(ordered), signatures_checked=public_key is not None)
     expected_key = key_id(public_key) if public_key is not None else None
@@ -117,6 +122,12 @@ def verify_logs(
             if seq == 1 and record.get("prev") != GENESIS:
                 return fail(line, "seq 1: edited: the first record does not start the chain")
             if seq != 1:
+                if not partial:
+                    return fail(
+                        line,
+                        f"seq {seq}: deleted: the log starts at seq {seq}, so "
+                        "earlier files are missing (give them, or --partial)",
+                    )
                 report.notes.append(f"the log starts at seq {seq}: earlier files not given")
         elif seq != prev_seq + 1:
             following = pending[index + 1].record if index + 1 < len(pending) else None
@@ -134,6 +145,13 @@ def verify_logs(
             )
         elif record.get("prev") != prev_hash:
             return fail(line, f"seq {seq}: inserted: it does not link to the record before it")
+        if record.get("event") == "chain.gap":
+            return fail(
+                line,
+                f"seq {seq}: deleted: the agent found seq "
+                f"{record.get('first_missing')} to {record.get('last_missing')} "
+                "missing when it started",
+            )
         if record.get("event") == CHECKPOINT_EVENT:
             report.checkpoints += 1
             if public_key is not None:
@@ -160,6 +178,13 @@ def verify_logs(
         return report
     if last_checkpoint.get("final") and since_checkpoint == 0:
         if last_checkpoint.get("reason") == "rotate":
+            if not partial:
+                report.problem = (
+                    f"{pending[-1].path}:{pending[-1].number}: deleted: the log "
+                    "ends where a file was rotated, so the files after it are "
+                    "missing (give them, or --partial)"
+                )
+                return report
             report.notes.append("the log ends where a file was rotated: give the files after it")
         return report
     _check_fresh(report, pending[-1], last_checkpoint, since_checkpoint, now)

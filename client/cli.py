@@ -162,6 +162,12 @@ def _add_audit_parser(sub: Any) -> None:
     verify.add_argument(
         "--now", metavar="TIME", help="judge the last checkpoint's age as of TIME (RFC 3339)"
     )
+    verify.add_argument(
+        "--partial",
+        action="store_true",
+        help="the FILEs are a part of the log: it need not start at seq 1 nor go on past "
+        "its last rotation",
+    )
     query = actions.add_parser(
         "query", help="show matching records from FILEs, or from agents with --target"
     )
@@ -571,7 +577,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
             now = datetime.datetime.fromisoformat(normalise_time(args.now).replace("Z", "+00:00"))
         except ValueError as e:
             raise UsageError(str(e)) from None
-    report = verify_logs(paths, public_key, now)
+    report = verify_logs(paths, public_key, now, partial=args.partial)
     for note in report.notes:
         print(f"cmdgate: note: {note}", file=sys.stderr)
     if not report.ok:

@@ -482,3 +482,29 @@ def test_audit_key_is_private_and_stable(agent: Agent, tmp_path: Path) -> None:
         load_or_create_audit_key(copy).public_key().public_bytes_raw()
         == load_public_key((state / "audit-key.pub").read_bytes()).public_bytes_raw()
     )
+
+
+def test_files_deleted_while_the_agent_was_down_show_as_a_gap(
+    lab: LabPaths, keys: Keys, tmp_path: Path
+) -> None:
+    from tests.support import AgentThread
+
+    agent = start_test_agent(lab, keys, tmp_path / "gap", audit_extra="max_bytes = 8192")
+    with agent.client() as client:
+        for i in range(30):
+            client.run("probe", {"mode": "argv", "arg": str(i)})
+    agent.thread.stop()
+    files = log_files(agent.audit_path)
+    assert len(files) >= 3
+    public_key = load_public_key(public_key_path(agent).read_bytes())
+    assert verify_logs(files, public_key).ok
+    # the newest files alone, or the oldest alone, are not the whole log
+    assert "earlier files are missing" in str(verify_logs(files[1:], public_key).problem)
+    assert verify_logs(files[1:], public_key, partial=True).ok
+    assert "files after it are missing" in str(verify_logs(files[:-1], public_key).problem)
+    # someone deletes the live file while the agent is down; the agent starts again
+    agent.audit_path.unlink()
+    thread = AgentThread(agent.thread.config.source)
+    thread.stop()
+    report = verify_logs(log_files(agent.audit_path), public_key)
+    assert report.problem is not None and "missing when it started" in report.problem
