@@ -25,6 +25,7 @@ import jwt
 from jwt.exceptions import PyJWKError
 
 from cmdgate.agent.errors import ConfigError, InvalidParameters
+from cmdgate.agent.revocation import parse_revocations
 from cmdgate.agent.templates import (
     COMMAND_NAME_PATTERN,
     DEFAULT_MAX_LENGTH,
@@ -103,6 +104,8 @@ class AuthConfig:
     max_token_lifetime_seconds: int
     # Reading the audit log over the API needs this claim to be true in the token.
     audit_claim: str
+    # Revoked jti and sub values, one "jti:<value>" or "sub:<value>" per line.
+    revoked_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -337,9 +340,24 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         table.fail("audit_claim", "must be a claim of its own, not empty nor commands_claim")
     jwks_value = table.string("jwks_file")
     keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
+    revoked_value = table.string("revoked_file", None)
+    revoked = None if revoked_value is None else _resolve(base, revoked_value)
+    if revoked is not None:
+        try:
+            parse_revocations(revoked.read_text(), str(revoked))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            table.fail("revoked_file", str(e))
     table.finish()
     return AuthConfig(
-        issuer, audience, frozenset(algorithms), keys, claim, leeway, lifetime, audit_claim
+        issuer,
+        audience,
+        frozenset(algorithms),
+        keys,
+        claim,
+        leeway,
+        lifetime,
+        audit_claim,
+        revoked,
     )
 
 

@@ -45,6 +45,7 @@ from cmdgate.agent.errors import (
     SpawnFailed,
 )
 from cmdgate.agent.metrics import Metrics
+from cmdgate.agent.revocation import RevocationList
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
 from cmdgate.agent.subreaper import OrphanSweeper
 from cmdgate.agent.templates import (
@@ -84,10 +85,16 @@ class AgentState:
 
     config: AgentConfig
     verifier: TokenVerifier
+    revocations: RevocationList | None = None
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> AgentState:
-        return cls(config, TokenVerifier(config.auth))
+        revoked = config.auth.revoked_file
+        return cls(
+            config,
+            TokenVerifier(config.auth),
+            RevocationList(revoked) if revoked is not None else None,
+        )
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
@@ -339,6 +346,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         claims = state.verifier.verify(token)
         del record["token_sha256"]
         record.update(sub=claims.subject, iss=claims.issuer, jti=claims.jti)
+        if state.revocations is not None:
+            # after the (cached) signature check, never cached itself
+            state.revocations.check(claims.subject, claims.jti)
         for optional in ("azp", "client_id"):
             if isinstance(claims.claims.get(optional), str):
                 record[optional] = claims.claims[optional]

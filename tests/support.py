@@ -77,6 +77,7 @@ def agent_toml(
     extra: str = "",
     audit_extra: str = "",
     server_extra: str = "",
+    auth_extra: str = "",
 ) -> str:
     """A config with mTLS from the lab, the test issuer, and templates writing into marker_dir."""
     return f"""
@@ -95,6 +96,7 @@ algorithms = ["EdDSA", "ES256"]
 commands_claim = "cmds"
 leeway_seconds = 30
 max_token_lifetime_seconds = 3600
+{auth_extra}
 
 [audit]
 path = {json.dumps(str(audit_path))}
@@ -218,12 +220,15 @@ def start_test_agent(
     audit_path: Path | None = None,
     audit_extra: str = "",
     server_extra: str = "",
+    auth_extra: str = "",
 ) -> Agent:
     marker_dir = root / "markers"
     marker_dir.mkdir(parents=True)
     audit = audit_path or root / "audit.jsonl"
     config = root / "agent.toml"
-    config.write_text(agent_toml(lab, keys, marker_dir, audit, extra, audit_extra, server_extra))
+    config.write_text(
+        agent_toml(lab, keys, marker_dir, audit, extra, audit_extra, server_extra, auth_extra)
+    )
     thread = AgentThread(config)
     return Agent(thread, thread.target, audit, marker_dir, lab, keys)
 

@@ -583,3 +583,13 @@ def test_patterns_are_ascii(site: Site) -> None:
     assert spec.validate("12") == "12"
     with pytest.raises(InvalidParameters):
         spec.validate("１２")
+
+
+def test_a_revocation_file_must_be_readable_and_well_formed(site: Site) -> None:
+    bad = site.root / "revoked.txt"
+    bad.write_text("jti:ok\nalice\n")
+    doc = base_doc(site)
+    doc["auth"]["revoked_file"] = str(bad)
+    assert_config_error(site.root, doc, "auth.revoked_file", f"{bad}:2: write 'jti:<value>'")
+    doc["auth"]["revoked_file"] = str(site.root / "missing.txt")
+    assert_config_error(site.root, doc, "auth.revoked_file", "No such file")

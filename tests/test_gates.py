@@ -391,3 +391,35 @@ def test_an_unauthenticated_flood_cannot_grow_the_audit_much(agent: Agent) -> No
     assert record["reason"] == "TOKEN_MALFORMED"
     assert len(record["command"]) < 200 and record["params"]["..."] == "(+8 more parameters)"
     assert not marker.exists()
+
+
+def test_revoked_tokens_are_refused_as_soon_as_the_file_says_so(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = tmp_path_factory.mktemp("revocation")
+    revoked = folder / "revoked.txt"
+    revoked.write_text("# nothing yet\n")
+    guarded = start_test_agent(
+        agent.lab,
+        agent.keys,
+        folder / "agent",
+        auth_extra=f"revoked_file = {json.dumps(str(revoked))}",
+    )
+    try:
+        token = guarded.token(extra_claims={"jti": "leaked-1"})
+        other = guarded.token(subject="bob")
+        with guarded.client(token) as client:
+            assert client.run("touch", {"file": str(guarded.marker("before"))}).exit_code == 0
+            # revoked while the agent runs, with no reload: the very next call is refused
+            revoked.write_text("jti:leaked-1\n")
+            record = assert_denied(guarded, token, NotAuthenticated, "TOKEN_REVOKED")
+            assert record["jti"] == "leaked-1" and record["sub"] == "alice"
+        with guarded.client(other) as client:
+            assert client.run("touch", {"file": str(guarded.marker("bob"))}).exit_code == 0
+        revoked.write_text("sub:bob\n")
+        assert_denied(guarded, other, NotAuthenticated, "TOKEN_REVOKED")
+        # a revocation list that cannot be read refuses everyone: fail closed
+        revoked.unlink()
+        assert_denied(guarded, token, NotAuthenticated, "REVOCATION_UNAVAILABLE")
+    finally:
+        guarded.thread.stop()
