@@ -106,6 +106,8 @@ class AuthConfig:
     audit_claim: str
     # Revoked jti and sub values, one "jti:<value>" or "sub:<value>" per line.
     revoked_file: Path | None = None
+    # RFC 8705: every token must be bound to the client certificate of its connection.
+    require_cnf: bool = False
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,9 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     top = _Table(file, "", data)
     server = _load_server(top.table("server"), base)
     auth = _load_auth(top.table("auth"), base)
+    if auth.require_cnf and server.client_ca_pem is None:
+        # a binding to the client certificate needs one on every connection
+        top.fail("auth.require_cnf", "needs server.client_ca (mutual TLS)")
     audit = _load_audit(top.table("audit", default={}), base)
     commands = _load_commands(top.table("commands", default={}))
     metrics = _load_metrics(top.table("metrics", default={}))
@@ -340,6 +345,7 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         table.fail("audit_claim", "must be a claim of its own, not empty nor commands_claim")
     jwks_value = table.string("jwks_file")
     keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
+    require_cnf = table.boolean("require_cnf", False)
     revoked_value = table.string("revoked_file", None)
     revoked = None if revoked_value is None else _resolve(base, revoked_value)
     if revoked is not None:
@@ -358,6 +364,7 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         lifetime,
         audit_claim,
         revoked,
+        require_cnf,
     )
 
 

@@ -12,11 +12,13 @@ the category; the reason code and the detail go to the audit record.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -37,6 +39,7 @@ from cmdgate.agent.decision import decide, permitted_commands
 from cmdgate.agent.errors import (
     AgentStopping,
     AuditUnavailable,
+    AuthenticationFailed,
     CallDenied,
     CancelledBeforeStart,
     InvalidParameters,
@@ -349,6 +352,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if state.revocations is not None:
             # after the (cached) signature check, never cached itself
             state.revocations.check(claims.subject, claims.jti)
+        # per connection, never cached: a stolen token without its key is refused
+        _check_binding(claims, record.get("peer_cert_sha256"), state.config.auth.require_cnf)
         for optional in ("azp", "client_id"):
             if isinstance(claims.claims.get(optional), str):
                 record[optional] = claims.claims[optional]
@@ -474,6 +479,29 @@ def _effective_timeout(requested: float, template: CommandTemplate) -> float:
         raise InvalidParameters("TIMEOUT_INVALID", "timeout_seconds must be a positive number")
     # a client may shorten the template's timeout, never lengthen it
     return min(requested, template.timeout_seconds) if requested else template.timeout_seconds
+
+
+def _check_binding(claims: VerifiedClaims, cert_sha256: str | None, required: bool) -> None:
+    """RFC 8705: a token with ``cnf`` is good only on a connection that presents the very
+    client certificate it names (``x5t#S256``), taken from the TLS layer, never from
+    metadata. Without ``cnf`` it passes unless ``required``."""
+    cnf = claims.claims.get("cnf")
+    if cnf is None:
+        if required:
+            raise AuthenticationFailed("TOKEN_NOT_BOUND", "require_cnf is on and there is no cnf")
+        return
+    thumbprint = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    if not isinstance(thumbprint, str):
+        raise AuthenticationFailed("CNF_UNSUPPORTED", f"cnf {str(cnf)[:128]} has no x5t#S256")
+    if cert_sha256 is None or cert_sha256 == "unparseable":
+        raise AuthenticationFailed(
+            "CNF_CERT_MISSING", "the token is bound; the connection presents no client certificate"
+        )
+    presented = base64.urlsafe_b64encode(bytes.fromhex(cert_sha256)).rstrip(b"=").decode()
+    if not hmac.compare_digest(presented, thumbprint):
+        raise AuthenticationFailed(
+            "CNF_MISMATCH", f"bound to {thumbprint[:64]}, presented {presented}"
+        )
 
 
 def _peer_certificate_sha256(context: aio.ServicerContext[Any, Any]) -> str | None:

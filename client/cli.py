@@ -135,6 +135,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--audit", action="store_true", help="also let it read audit logs (AuditQuery)"
     )
     mint.add_argument(
+        "--cnf-cert",
+        metavar="FILE",
+        help="bind the token to this client certificate (RFC 8705): useless without its key",
+    )
+    mint.add_argument(
         "--audit-claim", default="cmdgate_audit", help="name of the audit permission claim"
     )
     _add_audit_parser(sub)
@@ -528,7 +533,14 @@ def _mint(args: argparse.Namespace) -> int:
     except KeyFileError as e:
         print(f"cmdgate: token mint: {e}", file=sys.stderr)
         return 1
-    extra = {args.audit_claim: True} if args.audit else None
+    extra: dict[str, Any] = {args.audit_claim: True} if args.audit else {}
+    if args.cnf_cert:
+        from cmdgate.shared.keys import certificate_thumbprint
+
+        try:
+            extra["cnf"] = {"x5t#S256": certificate_thumbprint(Path(args.cnf_cert).read_bytes())}
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--cnf-cert {args.cnf_cert}: {e}") from None
     token = mint_token(
         key,
         kid=args.kid,

@@ -423,3 +423,70 @@ def test_revoked_tokens_are_refused_as_soon_as_the_file_says_so(
         assert_denied(guarded, token, NotAuthenticated, "REVOCATION_UNAVAILABLE")
     finally:
         guarded.thread.stop()
+
+
+def test_a_bound_token_is_useless_without_its_certificate_rfc8705(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from cmdgate.agent.lab import write_lab
+    from cmdgate.shared.keys import certificate_thumbprint
+    from tests.support import AgentThread, agent_toml
+
+    folder = tmp_path_factory.mktemp("cnf")
+    other = write_lab(folder / "other-lab")  # a second client certificate, from another CA
+    both = folder / "both-cas.pem"
+    both.write_bytes(agent.lab.ca_cert.read_bytes() + other.ca_cert.read_bytes())
+    markers = folder / "markers"
+    markers.mkdir()
+    text = agent_toml(
+        agent.lab, agent.keys, markers, folder / "audit.jsonl", auth_extra="require_cnf = true"
+    )
+    config = folder / "agent.toml"
+    config.write_text(text.replace(json.dumps(str(agent.lab.ca_cert)), json.dumps(str(both))))
+    thread = AgentThread(config)
+    bound = Agent(thread, thread.target, folder / "audit.jsonl", markers, agent.lab, agent.keys)
+    try:
+        thumbprint = certificate_thumbprint(agent.lab.client_cert.read_bytes())
+        token = bound.token(extra_claims={"cnf": {"x5t#S256": thumbprint}})
+        with bound.client(token) as client:
+            assert client.run("touch", {"file": str(bound.marker("bound"))}).exit_code == 0
+        # the same token, stolen, presented with another (valid) client certificate
+        marker = bound.marker("stolen")
+        with (
+            Client(
+                bound.target,
+                token=token,
+                ca=agent.lab.ca_cert,
+                cert=other.client_cert,
+                key=other.client_key,
+            ) as thief,
+            pytest.raises(NotAuthenticated),
+        ):
+            thief.run("touch", {"file": str(marker)})
+        assert not marker.exists()
+        assert bound.last_audit()["reason"] == "CNF_MISMATCH"
+        # require_cnf: an unbound token is refused; an unknown cnf method too
+        assert_denied(bound, bound.token(), NotAuthenticated, "TOKEN_NOT_BOUND")
+        odd = bound.token(extra_claims={"cnf": {"jkt": "abc"}})
+        assert_denied(bound, odd, NotAuthenticated, "CNF_UNSUPPORTED")
+    finally:
+        thread.stop()
+
+
+def test_require_cnf_without_mutual_tls_is_a_config_error(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from cmdgate.agent.config import load_config
+    from cmdgate.agent.errors import ConfigError
+    from tests.support import agent_toml
+
+    folder = tmp_path_factory.mktemp("cnf-config")
+    text = agent_toml(
+        agent.lab, agent.keys, folder, folder / "audit.jsonl", auth_extra="require_cnf = true"
+    )
+    config = folder / "agent.toml"
+    config.write_text(
+        "\n".join(line for line in text.splitlines() if not line.startswith("client_ca"))
+    )
+    with pytest.raises(ConfigError, match=r"auth\.require_cnf: needs server\.client_ca"):
+        load_config(config)

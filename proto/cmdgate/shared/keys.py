@@ -170,6 +170,14 @@ def keygen(out_dir: Path, alg: str = "EdDSA", kid: str | None = None) -> tuple[P
     return key_path, jwks_path, str(jwk["kid"])
 
 
+def certificate_thumbprint(pem: bytes) -> str:
+    """RFC 8705 ``x5t#S256``: base64url SHA-256 of the DER certificate."""
+    from cryptography import x509
+
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
 def parse_duration(text: str) -> int:
     """Seconds in ``90``, ``90s``, ``15m``, ``2h`` or ``1d``; raise ValueError otherwise."""
     match = re.fullmatch(r"([0-9]{1,9})([smhd]?)", text.strip())
