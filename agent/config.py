@@ -108,6 +108,11 @@ class AuthConfig:
     revoked_file: Path | None = None
     # RFC 8705: every token must be bound to the client certificate of its connection.
     require_cnf: bool = False
+    # RFC 9068: the header typ a token must carry (lower case, "application/" dropped);
+    # empty: typ is not checked.
+    token_types: frozenset[str] = frozenset({"at+jwt"})
+    # Claims a token must carry, besides the ones every check needs anyway.
+    required_claims: tuple[str, ...] = ("iss", "sub", "aud", "exp", "iat", "jti")
 
 
 @dataclass(frozen=True)
@@ -346,6 +351,11 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
     jwks_value = table.string("jwks_file")
     keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
     require_cnf = table.boolean("require_cnf", False)
+    types = table.string_list("token_types", ("at+jwt", "application/at+jwt"), non_empty=False)
+    token_types = frozenset(normalise_token_type(t) for t in types)
+    required_claims = table.string_list(
+        "required_claims", ("iss", "sub", "aud", "exp", "iat", "jti"), non_empty=False
+    )
     revoked_value = table.string("revoked_file", None)
     revoked = None if revoked_value is None else _resolve(base, revoked_value)
     if revoked is not None:
@@ -365,7 +375,15 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         audit_claim,
         revoked,
         require_cnf,
+        token_types,
+        required_claims,
     )
+
+
+def normalise_token_type(text: str) -> str:
+    """A JOSE typ as RFC 7515 compares it: case-insensitive, "application/" optional."""
+    lowered = text.strip().lower()
+    return lowered.removeprefix("application/")
 
 
 def _load_jwks(

@@ -24,7 +24,7 @@ from typing import Any
 import jwt
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
-from cmdgate.agent.config import AuthConfig
+from cmdgate.agent.config import AuthConfig, normalise_token_type
 from cmdgate.agent.errors import AuthenticationFailed
 from cmdgate.shared.wire import AUTHORIZATION_KEY
 
@@ -118,7 +118,20 @@ class TokenVerifier:
             ) from None
         except PyJWTError as e:
             raise AuthenticationFailed("TOKEN_MALFORMED", f"rejected by PyJWT: {e}") from None
-        return self._check_claims(payload, now)
+        claims = self._check_claims(payload, now)
+        self._check_type(header)
+        return claims
+
+    def _check_type(self, header: dict[str, Any]) -> None:
+        wanted = self.config.token_types
+        if not wanted:
+            return
+        typ = header.get("typ")
+        # RFC 9068: an ID token, or any other JWT of the issuer, cannot pass for an access token
+        if not isinstance(typ, str) or normalise_token_type(typ) not in wanted:
+            raise AuthenticationFailed(
+                "TOKEN_TYPE_INVALID", f"typ {str(typ)[:64]!r} is not one of {sorted(wanted)}"
+            )
 
     def _key_for(self, header: dict[str, Any]) -> Any:
         alg = header.get("alg")
@@ -173,6 +186,9 @@ class TokenVerifier:
         subject = payload.get("sub")
         if not isinstance(subject, str) or not subject:
             raise AuthenticationFailed("TOKEN_SUBJECT_MISSING", "sub is missing or not a string")
+        for name in cfg.required_claims:
+            if payload.get(name) is None:
+                raise AuthenticationFailed("TOKEN_CLAIM_MISSING", f"{name[:64]} is required")
         jti = payload.get("jti")
         return VerifiedClaims(
             subject, issuer, jti if isinstance(jti, str) else None, exp, MappingProxyType(payload)

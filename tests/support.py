@@ -240,7 +240,9 @@ def sign(
     algorithm: str = "EdDSA",
 ) -> str:
     """A token with exactly these claims, for tests that need odd ones."""
-    return jwt.encode(claims, key, algorithm=algorithm, headers={"kid": KID, **(headers or {})})
+    return jwt.encode(
+        claims, key, algorithm=algorithm, headers={"kid": KID, "typ": "at+jwt", **(headers or {})}
+    )
 
 
 def good_claims(**overrides: Any) -> dict[str, Any]:

@@ -191,8 +191,28 @@ def test_a_list_audience_containing_ours_is_accepted(auth: Auth) -> None:
     assert accepted(auth, ed_token(claims(aud=["other", AUDIENCE]), auth)).subject == "alice"
 
 
-def test_a_token_without_nbf_or_jti_is_accepted(auth: Auth) -> None:
-    assert accepted(auth, ed_token(claims(drop=["nbf", "jti"]), auth)).jti is None
+def test_a_token_without_nbf_is_accepted(auth: Auth) -> None:
+    assert accepted(auth, ed_token(claims(drop=["nbf"]), auth)).jti == "j-1"
+
+
+def test_a_token_without_jti_is_refused_by_default(auth: Auth) -> None:
+    # RFC 9068 access tokens carry a jti; required_claims can relax it
+    assert_rejected(auth, ed_token(claims(drop=["jti"]), auth), "TOKEN_CLAIM_MISSING")
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "id_token+jwt", None, 7])
+def test_a_token_that_is_not_an_access_token_is_refused(auth: Auth, typ: object) -> None:
+    head = header()
+    if typ is None:
+        del head["typ"]
+    else:
+        head["typ"] = typ
+    assert_rejected(auth, signed(head, claims(), auth.ed), "TOKEN_TYPE_INVALID")
+
+
+@pytest.mark.parametrize("typ", ["at+jwt", "AT+JWT", "application/at+jwt"])
+def test_access_token_types_are_compared_as_media_types(auth: Auth, typ: str) -> None:
+    accepted(auth, signed(header(typ=typ), claims(), auth.ed))
 
 
 # --- times ----------------------------------------------------------------------------------
