@@ -218,7 +218,9 @@ def test_hs256_signed_with_the_public_key_is_refused(agent: Agent) -> None:
 
 
 def test_es256_token_is_accepted_with_its_own_key(agent: Agent) -> None:
-    token = jwt.encode(good_claims(), agent.keys.es256, algorithm="ES256", headers={"kid": ES_KID, "typ": "at+jwt"})
+    token = jwt.encode(
+        good_claims(), agent.keys.es256, algorithm="ES256", headers={"kid": ES_KID, "typ": "at+jwt"}
+    )
     marker = _new_marker(agent)
     with agent.client(token) as client:
         assert client.run("touch", {"file": str(marker)}).exit_code == 0
