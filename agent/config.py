@@ -113,6 +113,8 @@ class AuthConfig:
     token_types: frozenset[str] = frozenset({"at+jwt"})
     # Claims a token must carry, besides the ones every check needs anyway.
     required_claims: tuple[str, ...] = ("iss", "sub", "aud", "exp", "iat", "jti")
+    # "reject": each jti is accepted once per agent until its exp (single-use tokens).
+    replay: str = "allow"
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,9 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
     require_cnf = table.boolean("require_cnf", False)
     types = table.string_list("token_types", ("at+jwt", "application/at+jwt"), non_empty=False)
     token_types = frozenset(normalise_token_type(t) for t in types)
+    replay = table.string("replay", "allow")
+    if replay not in ("allow", "reject"):
+        table.fail("replay", "must be allow or reject")
     required_claims = table.string_list(
         "required_claims", ("iss", "sub", "aud", "exp", "iat", "jti"), non_empty=False
     )
@@ -377,6 +382,7 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         require_cnf,
         token_types,
         required_claims,
+        replay,
     )
 
 

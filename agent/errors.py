@@ -68,6 +68,16 @@ class AuditUnavailable(CallDenied):
         super().__init__("AUDIT_UNAVAILABLE", detail)
 
 
+class ReplayGuardUnavailable(CallDenied):
+    """Single-use tokens are on, and this use could not be made durable: refused."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    default_message = "cannot record the token's use; nothing was run"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("REPLAY_GUARD_UNAVAILABLE", detail)
+
+
 class RateLimited(CallDenied):
     """Too many runs at once, on this agent or for this identity: refused at once, no queue."""
 

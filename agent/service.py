@@ -45,9 +45,11 @@ from cmdgate.agent.errors import (
     InvalidParameters,
     NotPermitted,
     RateLimited,
+    ReplayGuardUnavailable,
     SpawnFailed,
 )
 from cmdgate.agent.metrics import Metrics
+from cmdgate.agent.replay import ReplayGuard
 from cmdgate.agent.revocation import RevocationList
 from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
 from cmdgate.agent.subreaper import OrphanSweeper
@@ -116,6 +118,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.cgroups = cgroups
         self.metrics = metrics
         self.sweeper = sweeper
+        # single-use tokens: kept across reloads, made on first need
+        self.replay_guard: ReplayGuard | None = None
         self._runs: set[ProcessRun] = set()
         # set while no run is admitted (spawned or about to be): what a stop waits for
         self._no_runs = asyncio.Event()
@@ -139,6 +143,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if self.draining:
                 raise AgentStopping()
             claims = self._authenticate(state, context, record)
+            await self._take_token(state, claims)
             decision = decide(
                 claims.claims,
                 request.command,
@@ -295,6 +300,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         record = _base_record(context, "", "")
         try:
             claims = self._authenticate(state, context, record)
+            await self._take_token(state, claims)
             templates = permitted_commands(
                 claims.claims, state.config.commands, state.config.auth.commands_claim
             )
@@ -322,6 +328,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         record["query"] = {k: _capped(str(v), 256) for k, v in query.items() if v}
         try:
             claims = self._authenticate(state, context, record)
+            await self._take_token(state, claims)
             claim = state.config.auth.audit_claim
             # reading everyone's history is a permission of its own, not implied by running
             if claims.claims.get(claim) is not True:
@@ -358,6 +365,26 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if isinstance(claims.claims.get(optional), str):
                 record[optional] = claims.claims[optional]
         return claims
+
+    async def _take_token(self, state: AgentState, claims: VerifiedClaims) -> None:
+        """With ``replay = "reject"``: the token's jti is used up by this call, durably."""
+        auth = state.config.auth
+        if auth.replay != "reject":
+            return
+        if self.replay_guard is None:
+            path = state.config.server.state_dir / "seen-jti.jsonl"
+            self.replay_guard = await asyncio.get_running_loop().run_in_executor(
+                None, ReplayGuard, path
+            )
+        guard = self.replay_guard
+        until = claims.expires_at + auth.leeway_seconds
+        guard.take(claims.jti, until)  # at once: a concurrent call with it is refused now
+        assert claims.jti is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, guard.persist, claims.jti, until)
+        except OSError as e:
+            guard.release(claims.jti)
+            raise ReplayGuardUnavailable(f"{guard.path}: {e.strerror}") from None
 
     async def _write_allowed(
         self, context: aio.ServicerContext[Any, Any], event: str, record: dict[str, Any]

@@ -492,3 +492,34 @@ def test_require_cnf_without_mutual_tls_is_a_config_error(
     )
     with pytest.raises(ConfigError, match=r"auth\.require_cnf: needs server\.client_ca"):
         load_config(config)
+
+
+def test_single_use_tokens_are_refused_the_second_time_even_after_a_restart(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.support import AgentThread
+
+    folder = tmp_path_factory.mktemp("replay")
+    guarded = start_test_agent(
+        agent.lab, agent.keys, folder / "agent", auth_extra='replay = "reject"'
+    )
+    token = guarded.token()
+    try:
+        with guarded.client(token) as client:
+            assert client.run("touch", {"file": str(guarded.marker("first"))}).exit_code == 0
+        record = assert_denied(guarded, token, NotAuthenticated, "TOKEN_REPLAYED")
+        assert record["sub"] == "alice"
+        # a fresh token still works
+        with guarded.client(guarded.token()) as client:
+            assert client.run("touch", {"file": str(guarded.marker("fresh"))}).exit_code == 0
+    finally:
+        guarded.thread.stop()
+    # the agent restarts: what it saw is still seen
+    thread = AgentThread(guarded.thread.config.source)
+    restarted = Agent(
+        thread, thread.target, guarded.audit_path, guarded.marker_dir, agent.lab, agent.keys
+    )
+    try:
+        assert_denied(restarted, token, NotAuthenticated, "TOKEN_REPLAYED")
+    finally:
+        thread.stop()
