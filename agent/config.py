@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,13 @@ class AuthConfig:
     required_claims: tuple[str, ...] = ("iss", "sub", "aud", "exp", "iat", "jti")
     # "reject": each jti is accepted once per agent until its exp (single-use tokens).
     replay: str = "allow"
+    # Keys from an identity provider instead of jwks_file: a JWKS URL, or the jwks_uri
+    # of <issuer>/.well-known/openid-configuration. Cached for the TTL; an unknown kid
+    # fetches again, at most once per min_refresh.
+    jwks_url: str | None = None
+    discovery: bool = False
+    jwks_ttl_seconds: float = 300.0
+    jwks_min_refresh_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -350,8 +358,19 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
     audit_claim = table.string("audit_claim", "cmdgate_audit")
     if not audit_claim or audit_claim == claim:
         table.fail("audit_claim", "must be a claim of its own, not empty nor commands_claim")
-    jwks_value = table.string("jwks_file")
-    keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
+    jwks_value = table.string("jwks_file", None)
+    jwks_url = table.string("jwks_url", None)
+    discovery = table.boolean("discovery", False)
+    if [jwks_value is not None, jwks_url is not None, discovery].count(True) != 1:
+        table.fail("jwks_file", "give exactly one of jwks_file, jwks_url and discovery = true")
+    for key, url in (("jwks_url", jwks_url), ("issuer", issuer if discovery else None)):
+        if url is not None and not _fetchable(url):
+            table.fail(key, f"{url!r}: keys are fetched over https only (http on loopback)")
+    keys: Mapping[str, VerificationKey] = MappingProxyType({})
+    if jwks_value is not None:
+        keys = _load_jwks(table, _resolve(base, jwks_value), frozenset(algorithms))
+    jwks_ttl = _seconds(table, "jwks_ttl_seconds", 300.0, low=1.0, high=86400.0)
+    jwks_min_refresh = _seconds(table, "jwks_min_refresh_seconds", 30.0, low=0.1, high=3600.0)
     require_cnf = table.boolean("require_cnf", False)
     types = table.string_list("token_types", ("at+jwt", "application/at+jwt"), non_empty=False)
     token_types = frozenset(normalise_token_type(t) for t in types)
@@ -383,7 +402,19 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
         token_types,
         required_claims,
         replay,
+        jwks_url,
+        discovery,
+        jwks_ttl,
+        jwks_min_refresh,
     )
+
+
+def _fetchable(url: str) -> bool:
+    """https, or http to a loopback address (tests, a local identity provider)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "https" and parsed.hostname:
+        return True
+    return parsed.scheme == "http" and is_loopback(parsed.hostname or "")
 
 
 def normalise_token_type(text: str) -> str:
@@ -401,34 +432,48 @@ def _load_jwks(
         table.fail("jwks_file", f"cannot read {path}: {e.strerror}")
     except ValueError as e:
         table.fail("jwks_file", f"{path} is not JSON: {e}")
+    try:
+        return parse_jwks(document, algorithms, str(path))
+    except ValueError as e:
+        table.fail("jwks_file", str(e))
+
+
+def parse_jwks(
+    document: object, algorithms: frozenset[str], where: str
+) -> Mapping[str, VerificationKey]:
+    """The signing keys of a JWKS document, each bound to its one algorithm.
+
+    Keys for other algorithms, or not for signing, are left out; a document with no
+    usable key, a key without a kid, or a kid twice is a ValueError naming ``where``.
+    """
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list):
-        table.fail("jwks_file", f"{path} has no 'keys' list")
+        raise ValueError(f"{where} has no 'keys' list")
     keys: dict[str, VerificationKey] = {}
     for i, entry in enumerate(entries):
-        where = f"{path} key #{i}"
+        at = f"{where} key #{i}"
         if not isinstance(entry, dict):
-            table.fail("jwks_file", f"{where} is not an object")
+            raise ValueError(f"{at} is not an object")
         kid = entry.get("kid")
         if not isinstance(kid, str) or not kid:
-            table.fail("jwks_file", f"{where} has no 'kid'")
+            raise ValueError(f"{at} has no 'kid'")
         if kid in keys:
-            table.fail("jwks_file", f"{where}: kid {kid!r} appears twice")
+            raise ValueError(f"{at}: kid {kid!r} appears twice")
         if entry.get("use", "sig") != "sig":
             continue
         alg = entry.get("alg") or _KEY_ALGORITHM_BY_CURVE.get(str(entry.get("crv")))
         if alg is None:
-            table.fail("jwks_file", f"{where} (kid {kid!r}) needs an 'alg'")
+            raise ValueError(f"{at} (kid {kid!r}) needs an 'alg'")
         if alg not in algorithms:
             # one algorithm per key: a key is only ever used with its own alg
             continue
         try:
             key = jwt.PyJWK(entry, algorithm=alg)
         except PyJWKError as e:
-            table.fail("jwks_file", f"{where} (kid {kid!r}): {e}")
+            raise ValueError(f"{at} (kid {kid!r}): {e}") from None
         keys[kid] = VerificationKey(kid, alg, key)
     if not keys:
-        table.fail("jwks_file", f"{path} has no signing key for algorithms {sorted(algorithms)}")
+        raise ValueError(f"{where} has no signing key for algorithms {sorted(algorithms)}")
     return MappingProxyType(keys)
 
 

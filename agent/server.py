@@ -19,6 +19,7 @@ from cmdgate.agent.audit import AuditLog, load_or_create_audit_key
 from cmdgate.agent.cgroups import RunCgroups
 from cmdgate.agent.config import AgentConfig, load_config
 from cmdgate.agent.errors import ConfigError
+from cmdgate.agent.jwks import RemoteKeys
 from cmdgate.agent.metrics import Metrics
 from cmdgate.agent.service import AgentService, AgentState
 from cmdgate.agent.subreaper import OrphanSweeper, become_subreaper
@@ -93,7 +94,10 @@ class RunningAgent:
                 log.warning("reload: server.%s changes only with a restart", key)
         if old.audit != config.audit:
             log.warning("reload: [audit] changes only with a restart")
-        self.service.state = AgentState.from_config(config)
+        old_remote = self.service.state.verifier.remote
+        self.service.state = AgentState.from_config(config, await _remote_keys(config))
+        if old_remote is not None:
+            old_remote.stop()
         with contextlib.suppress(OSError):
             await self.audit.write(
                 "config.reloaded",
@@ -119,8 +123,25 @@ class RunningAgent:
             self.service.cgroups.close()
         if self.service.sweeper:
             self.service.sweeper.stop()
+        if self.service.state.verifier.remote:
+            self.service.state.verifier.remote.stop()
         if self.service.metrics:
             self.service.metrics.close()
+
+
+async def _remote_keys(config: AgentConfig) -> RemoteKeys | None:
+    """Keys from the identity provider, fetched once now and kept fresh, if configured."""
+    if config.auth.jwks_url is None and not config.auth.discovery:
+        return None
+    remote = RemoteKeys(config.auth)
+    if not await remote.refresh():
+        # fail closed: no key, no token; the background refresh keeps trying
+        log.error(
+            "starting without keys for %s: every token is refused until a fetch works",
+            config.auth.issuer,
+        )
+    remote.start()
+    return remote
 
 
 def _process_control(config: AgentConfig) -> tuple[RunCgroups | None, OrphanSweeper | None]:
@@ -205,7 +226,8 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
             metrics.serve(config.metrics.listen_host, config.metrics.listen_port)
         except OSError as e:
             raise ConfigError(f"{config.source}: metrics.listen: {e.strerror}") from None
-    service = AgentService(AgentState.from_config(config), audit, cgroups, metrics, sweeper)
+    remote = await _remote_keys(config)
+    service = AgentService(AgentState.from_config(config, remote), audit, cgroups, metrics, sweeper)
     server = aio.server(options=server_options(config))
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

@@ -48,6 +48,7 @@ from cmdgate.agent.errors import (
     ReplayGuardUnavailable,
     SpawnFailed,
 )
+from cmdgate.agent.jwks import RemoteKeys
 from cmdgate.agent.metrics import Metrics
 from cmdgate.agent.replay import ReplayGuard
 from cmdgate.agent.revocation import RevocationList
@@ -93,11 +94,11 @@ class AgentState:
     revocations: RevocationList | None = None
 
     @classmethod
-    def from_config(cls, config: AgentConfig) -> AgentState:
+    def from_config(cls, config: AgentConfig, remote: RemoteKeys | None = None) -> AgentState:
         revoked = config.auth.revoked_file
         return cls(
             config,
-            TokenVerifier(config.auth),
+            TokenVerifier(config.auth, remote=remote),
             RevocationList(revoked) if revoked is not None else None,
         )
 
@@ -142,7 +143,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             if self.draining:
                 raise AgentStopping()
-            claims = self._authenticate(state, context, record)
+            claims = await self._authenticate_fetching(state, context, record)
             await self._take_token(state, claims)
             decision = decide(
                 claims.claims,
@@ -299,7 +300,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         state = self.state
         record = _base_record(context, "", "")
         try:
-            claims = self._authenticate(state, context, record)
+            claims = await self._authenticate_fetching(state, context, record)
             await self._take_token(state, claims)
             templates = permitted_commands(
                 claims.claims, state.config.commands, state.config.auth.commands_claim
@@ -327,7 +328,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         # capped like a run's parameters: a caller without a token can send these too
         record["query"] = {k: _capped(str(v), 256) for k, v in query.items() if v}
         try:
-            claims = self._authenticate(state, context, record)
+            claims = await self._authenticate_fetching(state, context, record)
             await self._take_token(state, claims)
             claim = state.config.auth.audit_claim
             # reading everyone's history is a permission of its own, not implied by running
@@ -346,6 +347,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         lines = await loop.run_in_executor(None, _query_log, self.audit.path, wanted, limit)
         for line in lines:
             yield agent_pb2.AuditRecord(json=line)
+
+    async def _authenticate_fetching(
+        self, state: AgentState, context: aio.ServicerContext[Any, Any], record: dict[str, Any]
+    ) -> VerifiedClaims:
+        """Authenticate; for an unknown kid from a remote key set, fetch it once and retry."""
+        try:
+            return self._authenticate(state, context, record)
+        except AuthenticationFailed as e:
+            remote = state.verifier.remote
+            if e.reason != "TOKEN_KID_UNKNOWN" or remote is None:
+                raise
+            if not await remote.refresh_for_unknown_kid():
+                raise
+            return self._authenticate(state, context, record)
 
     def _authenticate(
         self, state: AgentState, context: aio.ServicerContext[Any, Any], record: dict[str, Any]

@@ -19,13 +19,16 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
 from cmdgate.agent.config import AuthConfig, normalise_token_type
 from cmdgate.agent.errors import AuthenticationFailed
+
+if TYPE_CHECKING:
+    from cmdgate.agent.jwks import RemoteKeys
 from cmdgate.shared.wire import AUTHORIZATION_KEY
 
 # Checked before any base64 or cryptography runs.
@@ -78,14 +81,25 @@ class TokenVerifier:
     failures are never cached: a bad token always gets the full check.
     """
 
-    def __init__(self, config: AuthConfig, cache_size: int = VERIFIED_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        cache_size: int = VERIFIED_CACHE_SIZE,
+        remote: RemoteKeys | None = None,
+    ) -> None:
         self.config = config
+        self.remote = remote
         self._cache_size = cache_size
         self._cache: dict[bytes, VerifiedClaims] = {}
+        self._keys_version = 0
 
     def verify(self, token: str, now: float | None = None) -> VerifiedClaims:
         """Return the verified claims, or raise ``AuthenticationFailed`` with a reason code."""
         now = time.time() if now is None else now
+        if self.remote is not None and self.remote.version != self._keys_version:
+            # a new key set: what a removed key verified must not be served from the cache
+            self._cache.clear()
+            self._keys_version = self.remote.version
         digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
         cached = self._cache.get(digest)
         if cached is not None:
@@ -143,7 +157,8 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise AuthenticationFailed("TOKEN_KID_UNKNOWN", "no kid in header")
-        key = self.config.keys.get(kid)
+        keys = self.remote.keys if self.remote is not None else self.config.keys
+        key = keys.get(kid)
         if key is None:
             raise AuthenticationFailed("TOKEN_KID_UNKNOWN", f"kid {kid[:64]!r} is not known")
         if key.algorithm != alg:
