@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from cmdgate import __version__
 from cmdgate.agent.config import AgentConfig, load_config
 from cmdgate.agent.errors import ConfigError
+from cmdgate.agent.templates import Limits
 
 log = logging.getLogger("cmdgate.agent")
 
@@ -64,6 +65,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.action != "serve":
+        # `check-config | head` ends quietly; the agent itself must never die of a pipe
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if args.action == "serve":
             logging.basicConfig(
@@ -144,10 +148,30 @@ def _check_config(config: AgentConfig) -> int:
     )
     print(f"{config.source}: OK")
     print(f"listen   {server.listen} ({mode})")
-    print(f"issuer   {config.auth.issuer}")
-    print(f"audience {config.auth.audience}")
-    print(f"keys     {', '.join(f'{k.kid} ({k.algorithm})' for k in config.auth.keys.values())}")
-    print(f"audit    {config.audit.path}")
+    auth = config.auth
+    print(f"issuer   {auth.issuer}")
+    print(f"audience {auth.audience}")
+    if auth.jwks_url or auth.discovery:
+        source = auth.jwks_url or f"{auth.issuer} (discovery)"
+        print(f"keys     fetched from {source} every {auth.jwks_ttl_seconds:g}s")
+    else:
+        print(f"keys     {', '.join(f'{k.kid} ({k.algorithm})' for k in auth.keys.values())}")
+    print(
+        f"tokens   typ {sorted(auth.token_types) or 'not checked'}, "
+        f"claims {list(auth.required_claims)}, replay {auth.replay}, "
+        f"bound to the client certificate {'always' if auth.require_cnf else 'when cnf'}"
+        f"{', revocations ' + str(auth.revoked_file) if auth.revoked_file else ''}"
+    )
+    print(
+        f"limits   {server.max_concurrent_runs} runs, {server.max_runs_per_identity} per "
+        f"identity, drain {server.drain_grace_seconds:g}s, process control "
+        f"{server.process_control}"
+    )
+    print(
+        f"audit    {config.audit.path} (checkpoint every "
+        f"{config.audit.checkpoint_every_records} records or "
+        f"{config.audit.checkpoint_every_seconds:g}s)"
+    )
     print(f"commands ({len(config.commands)}):")
     for name in sorted(config.commands):
         template = config.commands[name]
@@ -157,10 +181,15 @@ def _check_config(config: AgentConfig) -> int:
             f"      timeout {template.timeout_seconds:g}s, "
             f"output <= {template.max_output_bytes} bytes"
         )
+        if template.run_as is not None:
+            print(f"      runs as {template.run_as.user} (uid {template.run_as.uid})")
+        if template.limits != Limits():
+            print(f"      limits {template.limits}")
         for spec in template.params.values():
             print(
                 f"      {spec.name}: {spec.type.value}"
                 f"{'' if spec.required else ' (optional)'}"
+                f"{' (secret)' if spec.secret else ''}"
                 f"{f', default {spec.default!r}' if spec.default is not None else ''}"
             )
     return 0
