@@ -373,7 +373,8 @@ class AuditLog:
 
     def _append(self, data: bytes) -> None:
         assert self._fd is not None
-        start = self._size
+        # the file as it is now, not as we last left it: logrotate's copytruncate shrinks it
+        start = os.fstat(self._fd).st_size
         try:
             view = memoryview(data)
             while view:
