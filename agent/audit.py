@@ -22,10 +22,12 @@ import asyncio
 import contextlib
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,8 @@ from cmdgate.shared.auditlog import (
 log = logging.getLogger("cmdgate.agent.audit")
 
 AUDIT_KEY_NAME = "audit-key.pem"
+# How far back to look for the end of the last whole line.
+TORN_SEARCH_BYTES = 1024 * 1024
 AUDIT_PUBLIC_KEY_NAME = "audit-key.pub"
 
 
@@ -130,6 +134,8 @@ class AuditLog:
         # that log files deleted while the agent was down show as a gap, not as nothing
         self.head_file = head_file
         self.missing: tuple[int, int] | None = None
+        # set when a crash's incomplete last line was set aside at open
+        self.torn: dict[str, Any] | None = None
         self.key_id = key_id(key.public_key())
         self._fd: int | None = None
         self._size = 0
@@ -192,13 +198,37 @@ class AuditLog:
         size = os.fstat(fd).st_size
         if size:
             with open(self.path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    # a crash cut the last line short; keep the evidence, start a new line
-                    log.warning("%s: the last line is incomplete; continuing after it", self.path)
-                    os.write(fd, b"\n")
-                    size += 1
+                f.seek(max(0, size - TORN_SEARCH_BYTES))
+                tail = f.read()
+            if not tail.endswith(b"\n"):
+                size = self._set_aside_torn_tail(fd, size, tail)
         self._fd, self._size = fd, size
+
+    def _set_aside_torn_tail(self, fd: int, size: int, tail: bytes) -> int:
+        """A crash cut the last line short. That record was never on disk whole, so no
+        caller was told of it: move the fragment to a file beside the log, cut the log
+        back to its last whole line, and say so in the chain. Returns the new size."""
+        keep = size - len(tail) + tail.rfind(b"\n") + 1
+        fragment = tail[tail.rfind(b"\n") + 1 :]
+        # a hidden name: no glob for the log (audit.jsonl*) picks it up as a log file
+        aside = self.path.with_name(f".{self.path.name}.torn-{int(time.time())}")
+        side = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(side, fragment)
+            os.fsync(side)
+        finally:
+            os.close(side)
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        self.torn = {
+            "torn_file": aside.name,
+            "torn_bytes": len(fragment),
+            "torn_sha256": hashlib.sha256(fragment).hexdigest(),
+        }
+        log.warning(
+            "%s: an incomplete last line (%d bytes) moved to %s", self.path, len(fragment), aside
+        )
+        return keep
 
     def start(self) -> None:
         """Begin the periodic checkpoints; a checkpoint is written even when idle."""

@@ -209,6 +209,11 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     except OSError as e:
         # a full disk need not keep the agent down: every run is refused until it has room
         log.error("audit log %s is not writable: %s; refusing runs until it is", audit.path, e)
+    if audit.torn is not None:
+        with contextlib.suppress(OSError):
+            await audit.write(
+                "audit.torn_tail", {"reason": "INCOMPLETE_LINE_SET_ASIDE", **audit.torn}
+            )
     if audit.missing is not None:
         # said in the chain itself, so that `cmdgate audit verify` names the gap
         first, last = audit.missing

@@ -508,3 +508,26 @@ def test_files_deleted_while_the_agent_was_down_show_as_a_gap(
     thread.stop()
     report = verify_logs(log_files(agent.audit_path), public_key)
     assert report.problem is not None and "missing when it started" in report.problem
+
+
+def test_a_line_torn_by_a_crash_is_set_aside_and_the_chain_goes_on(
+    lab: LabPaths, keys: Keys, tmp_path: Path
+) -> None:
+    from tests.support import AgentThread
+
+    agent = start_test_agent(lab, keys, tmp_path / "torn")
+    with agent.client() as client:
+        client.run("probe", {"mode": "exit", "arg": "0"})
+    agent.thread.stop()
+    fragment = b'{"ts":"2026-11-28T00:00:00.000000Z","event":"run.sta'
+    with open(agent.audit_path, "ab") as f:
+        f.write(fragment)  # what a power cut mid-write leaves
+    thread = AgentThread(agent.thread.config.source)
+    thread.stop()
+    records = agent.audit()  # every line parses again
+    torn = next(r for r in records if r["event"] == "audit.torn_tail")
+    aside = agent.audit_path.with_name(torn["torn_file"])
+    assert aside.read_bytes() == fragment and torn["torn_bytes"] == len(fragment)
+    public_key = load_public_key(public_key_path(agent).read_bytes())
+    report = verify_logs(log_files(agent.audit_path), public_key)
+    assert report.ok, report.problem
