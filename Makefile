@@ -18,7 +18,12 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	  >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	touch $@
 
-install: $(VENV)/.deps
+# A real OpenID provider (npm oidc-provider) for the interop test, exactly as locked.
+OIDC := tests/fixtures/oidc
+$(OIDC)/node_modules/.package-lock.json: $(OIDC)/package-lock.json
+	cd $(OIDC) && npm ci --no-audit --no-fund --loglevel=error
+
+install: $(VENV)/.deps $(OIDC)/node_modules/.package-lock.json
 	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . \
 	  --config-settings editable_mode=strict >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
