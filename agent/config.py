@@ -154,6 +154,9 @@ class AgentConfig:
     audit: AuditConfig
     commands: Mapping[str, CommandTemplate]
     metrics: MetricsConfig = MetricsConfig(False, "127.0.0.1", 9464)
+    # Every trusted issuer, each with its own keys, audience, algorithms and claim name;
+    # ``auth`` is the first. One unless [[auth.issuers]] lists several.
+    issuers: tuple[AuthConfig, ...] = ()
 
 
 class _Table:
@@ -251,7 +254,8 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     base = file.resolve().parent
     top = _Table(file, "", data)
     server = _load_server(top.table("server"), base)
-    auth = _load_auth(top.table("auth"), base)
+    issuers = _load_issuers(top.table("auth"), base)
+    auth = issuers[0]
     if auth.require_cnf and server.client_ca_pem is None:
         # a binding to the client certificate needs one on every connection
         top.fail("auth.require_cnf", "needs server.client_ca (mutual TLS)")
@@ -259,7 +263,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     commands = _load_commands(top.table("commands", default={}))
     metrics = _load_metrics(top.table("metrics", default={}))
     top.finish()
-    return AgentConfig(file, server, auth, audit, commands, metrics)
+    return AgentConfig(file, server, auth, audit, commands, metrics, issuers)
 
 
 def _load_metrics(table: _Table) -> MetricsConfig:
@@ -335,6 +339,48 @@ def _seconds(table: _Table, key: str, default: float, low: float, high: float) -
     if not (math.isfinite(value) and low <= value <= high):
         table.fail(key, f"must be between {low:g} and {high:g} seconds")
     return value
+
+
+# What stays the agent's own when several issuers are trusted.
+_AGENT_WIDE_AUTH_KEYS = frozenset(
+    {
+        "leeway_seconds",
+        "max_token_lifetime_seconds",
+        "audit_claim",
+        "revoked_file",
+        "require_cnf",
+        "replay",
+    }
+)
+
+
+def _load_issuers(table: _Table, base: Path) -> tuple[AuthConfig, ...]:
+    """``[auth]`` for one issuer, or ``[[auth.issuers]]`` for several (humans from one
+    provider, bots from another): each entry its own issuer, audience, keys, algorithms,
+    claim name and token rules, under the agent-wide settings of ``[auth]``."""
+    entries = table.data.get("issuers")
+    if entries is None:
+        return (_load_auth(table, base),)
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) for e in entries)
+    ):
+        table.fail("issuers", "must be one or more [[auth.issuers]] tables")
+    wide = {k: v for k, v in table.data.items() if k != "issuers"}
+    for key in sorted(set(wide) - _AGENT_WIDE_AUTH_KEYS):
+        table.fail(key, "goes in each [[auth.issuers]] entry when there are several")
+    loaded: list[AuthConfig] = []
+    for i, entry in enumerate(entries):
+        for key in sorted(set(entry) & _AGENT_WIDE_AUTH_KEYS):
+            table.fail(f"issuers[{i}].{key}", "is agent-wide: set it in [auth]")
+        loaded.append(_load_auth(_Table(table.file, f"auth.issuers[{i}]", {**wide, **entry}), base))
+    seen: set[str] = set()
+    for i, auth in enumerate(loaded):
+        if auth.issuer in seen:
+            table.fail(f"issuers[{i}].issuer", f"{auth.issuer!r} is listed twice")
+        seen.add(auth.issuer)
+    return tuple(loaded)
 
 
 def _load_auth(table: _Table, base: Path) -> AuthConfig:

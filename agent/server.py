@@ -94,10 +94,10 @@ class RunningAgent:
                 log.warning("reload: server.%s changes only with a restart", key)
         if old.audit != config.audit:
             log.warning("reload: [audit] changes only with a restart")
-        old_remote = self.service.state.verifier.remote
+        old_remotes = self.service.state.verifier.remotes
         self.service.state = AgentState.from_config(config, await _remote_keys(config))
-        if old_remote is not None:
-            old_remote.stop()
+        for remote in old_remotes:
+            remote.stop()
         with contextlib.suppress(OSError):
             await self.audit.write(
                 "config.reloaded",
@@ -123,25 +123,28 @@ class RunningAgent:
             self.service.cgroups.close()
         if self.service.sweeper:
             self.service.sweeper.stop()
-        if self.service.state.verifier.remote:
-            self.service.state.verifier.remote.stop()
+        for remote in self.service.state.verifier.remotes:
+            remote.stop()
         if self.service.metrics:
             self.service.metrics.close()
 
 
-async def _remote_keys(config: AgentConfig) -> RemoteKeys | None:
-    """Keys from the identity provider, fetched once now and kept fresh, if configured."""
-    if config.auth.jwks_url is None and not config.auth.discovery:
-        return None
-    remote = RemoteKeys(config.auth)
-    if not await remote.refresh():
-        # fail closed: no key, no token; the background refresh keeps trying
-        log.error(
-            "starting without keys for %s: every token is refused until a fetch works",
-            config.auth.issuer,
-        )
-    remote.start()
-    return remote
+async def _remote_keys(config: AgentConfig) -> dict[str, RemoteKeys]:
+    """Keys from each identity provider that has them, fetched once now and kept fresh."""
+    remotes: dict[str, RemoteKeys] = {}
+    for auth in config.issuers or (config.auth,):
+        if auth.jwks_url is None and not auth.discovery:
+            continue
+        remote = RemoteKeys(auth)
+        if not await remote.refresh():
+            # fail closed: no key, no token; the background refresh keeps trying
+            log.error(
+                "starting without keys for %s: its tokens are refused until a fetch works",
+                auth.issuer,
+            )
+        remote.start()
+        remotes[auth.issuer] = remote
+    return remotes
 
 
 def _process_control(config: AgentConfig) -> tuple[RunCgroups | None, OrphanSweeper | None]:

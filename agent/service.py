@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -61,7 +61,13 @@ from cmdgate.agent.templates import (
     ParamType,
     RenderedArgv,
 )
-from cmdgate.agent.tokens import TokenVerifier, VerifiedClaims, bearer_token, token_fingerprint
+from cmdgate.agent.tokens import (
+    IssuerRouter,
+    TokenVerifier,
+    VerifiedClaims,
+    bearer_token,
+    token_fingerprint,
+)
 from cmdgate.shared.auditlog import AuditFilter, log_files, normalise_time, read_records
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
@@ -90,15 +96,22 @@ class AgentState:
     """What a call is decided with: swapped whole on reload, captured once per call."""
 
     config: AgentConfig
-    verifier: TokenVerifier
+    verifier: IssuerRouter
     revocations: RevocationList | None = None
 
     @classmethod
-    def from_config(cls, config: AgentConfig, remote: RemoteKeys | None = None) -> AgentState:
+    def from_config(
+        cls, config: AgentConfig, remotes: Mapping[str, RemoteKeys] | None = None
+    ) -> AgentState:
         revoked = config.auth.revoked_file
+        issuers = config.issuers or (config.auth,)
+        verifiers = {
+            auth.issuer: TokenVerifier(auth, remote=(remotes or {}).get(auth.issuer))
+            for auth in issuers
+        }
         return cls(
             config,
-            TokenVerifier(config.auth, remote=remote),
+            IssuerRouter(verifiers),
             RevocationList(revoked) if revoked is not None else None,
         )
 
@@ -149,7 +162,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 claims.claims,
                 request.command,
                 state.config.commands,
-                state.config.auth.commands_claim,
+                claims.policy.commands_claim,
             )
             if decision.denial is not None:
                 raise decision.denial
@@ -303,7 +316,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             claims = await self._authenticate_fetching(state, context, record)
             await self._take_token(state, claims)
             templates = permitted_commands(
-                claims.claims, state.config.commands, state.config.auth.commands_claim
+                claims.claims, state.config.commands, claims.policy.commands_claim
             )
         except CallDenied as denial:
             await self._deny(context, "list", record, denial)
@@ -330,7 +343,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             claims = await self._authenticate_fetching(state, context, record)
             await self._take_token(state, claims)
-            claim = state.config.auth.audit_claim
+            claim = claims.policy.audit_claim
             # reading everyone's history is a permission of its own, not implied by running
             if claims.claims.get(claim) is not True:
                 raise NotPermitted(
@@ -355,8 +368,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             return self._authenticate(state, context, record)
         except AuthenticationFailed as e:
-            remote = state.verifier.remote
-            if e.reason != "TOKEN_KID_UNKNOWN" or remote is None:
+            if e.reason != "TOKEN_KID_UNKNOWN":
+                raise
+            token = bearer_token(context.invocation_metadata())
+            remote = state.verifier.for_token(token).remote
+            if remote is None:
                 raise
             if not await remote.refresh_for_unknown_kid():
                 raise

@@ -47,6 +47,8 @@ class VerifiedClaims:
     # Everything, for the decision function and the audit (azp, client_id, the whitelist...).
     # Read-only: one verified token's claims may serve many calls.
     claims: Mapping[str, Any]
+    # The settings of the issuer that vouched for it: its claim names, among others.
+    policy: AuthConfig
 
 
 def token_fingerprint(token: str) -> str:
@@ -206,8 +208,42 @@ class TokenVerifier:
                 raise AuthenticationFailed("TOKEN_CLAIM_MISSING", f"{name[:64]} is required")
         jti = payload.get("jti")
         return VerifiedClaims(
-            subject, issuer, jti if isinstance(jti, str) else None, exp, MappingProxyType(payload)
+            subject,
+            issuer,
+            jti if isinstance(jti, str) else None,
+            exp,
+            MappingProxyType(payload),
+            cfg,
         )
+
+
+class IssuerRouter:
+    """Verifies each token with the verifier of the issuer it names, matched exactly."""
+
+    def __init__(self, verifiers: Mapping[str, TokenVerifier]) -> None:
+        self.verifiers = dict(verifiers)
+        self._first = next(iter(self.verifiers.values()))
+
+    def verify(self, token: str, now: float | None = None) -> VerifiedClaims:
+        return self.for_token(token).verify(token, now)
+
+    def for_token(self, token: str) -> TokenVerifier:
+        """The verifier for the token's ``iss``; raises for an issuer nobody trusts."""
+        if len(self.verifiers) == 1 or len(token) > MAX_TOKEN_BYTES:
+            return self._first  # which reports the size, or judges the one issuer
+        segments = token.split(".")
+        if len(segments) != 3 or not token.isascii():
+            return self._first  # which reports the malformed token
+        issuer = _decode_json_segment(segments[1], "payload").get("iss")
+        verifier = self.verifiers.get(issuer) if isinstance(issuer, str) else None
+        if verifier is None:
+            # exact match only: a prefix or suffix of a trusted issuer is another issuer
+            raise AuthenticationFailed("TOKEN_ISSUER_MISMATCH", f"iss {str(issuer)[:200]!r}")
+        return verifier
+
+    @property
+    def remotes(self) -> list[RemoteKeys]:
+        return [v.remote for v in self.verifiers.values() if v.remote is not None]
 
 
 def _numeric_claim(payload: dict[str, Any], name: str, required: bool) -> float | None:
