@@ -410,7 +410,7 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
     if [jwks_value is not None, jwks_url is not None, discovery].count(True) != 1:
         table.fail("jwks_file", "give exactly one of jwks_file, jwks_url and discovery = true")
     for key, url in (("jwks_url", jwks_url), ("issuer", issuer if discovery else None)):
-        if url is not None and not _fetchable(url):
+        if url is not None and not fetchable_url(url):
             table.fail(key, f"{url!r}: keys are fetched over https only (http on loopback)")
     keys: Mapping[str, VerificationKey] = MappingProxyType({})
     if jwks_value is not None:
@@ -455,7 +455,7 @@ def _load_auth(table: _Table, base: Path) -> AuthConfig:
     )
 
 
-def _fetchable(url: str) -> bool:
+def fetchable_url(url: str) -> bool:
     """https, or http to a loopback address (tests, a local identity provider)."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "https" and parsed.hostname:

@@ -37,9 +37,6 @@ class AuthenticationFailed(CallDenied):
     status = grpc.StatusCode.UNAUTHENTICATED
     default_message = "authentication failed"
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-
 
 class NotPermitted(CallDenied):
     """Gate 2: the token's whitelist claim and the host's allowlist."""
@@ -58,62 +55,68 @@ class InvalidParameters(CallDenied):
         super().__init__(reason, detail, client_message=detail)
 
 
-class AuditUnavailable(CallDenied):
+class FixedReasonDenial(CallDenied):
+    """A denial that always has the same reason code, ``code``."""
+
+    code = "INTERNAL"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(self.code, detail)
+
+
+class AuditUnavailable(FixedReasonDenial):
     """The audit record could not be made durable, so nothing runs (fail closed)."""
 
     status = grpc.StatusCode.UNAVAILABLE
     default_message = "audit log unavailable; nothing was run"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("AUDIT_UNAVAILABLE", detail)
+    code = "AUDIT_UNAVAILABLE"
 
 
-class ReplayGuardUnavailable(CallDenied):
+class ReplayGuardUnavailable(FixedReasonDenial):
     """Single-use tokens are on, and this use could not be made durable: refused."""
 
     status = grpc.StatusCode.UNAVAILABLE
     default_message = "cannot record the token's use; nothing was run"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("REPLAY_GUARD_UNAVAILABLE", detail)
+    code = "REPLAY_GUARD_UNAVAILABLE"
 
 
-class RateLimited(CallDenied):
+class RateLimited(FixedReasonDenial):
     """Too many runs at once, on this agent or for this identity: refused at once, no queue."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_message = "too many runs in flight; try again later"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("RATE_LIMITED", detail)
+    code = "RATE_LIMITED"
 
 
-class AgentStopping(CallDenied):
+class AgentStopping(FixedReasonDenial):
     """The agent is draining for a stop: new runs are refused."""
 
     status = grpc.StatusCode.UNAVAILABLE
     default_message = "the agent is stopping"
 
-    def __init__(self) -> None:
-        super().__init__("AGENT_STOPPING", "new runs are refused while the agent drains")
+    code = "AGENT_STOPPING"
+
+    def __init__(self, detail: str = "new runs are refused while the agent drains") -> None:
+        super().__init__(detail)
 
 
-class CancelledBeforeStart(CallDenied):
+class CancelledBeforeStart(FixedReasonDenial):
     """The caller left, or the agent began to stop, after the run was recorded as started
     but before its command was spawned."""
 
     status = grpc.StatusCode.CANCELLED
     default_message = "cancelled before the command started"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("CANCELLED_BEFORE_START", detail)
+    code = "CANCELLED_BEFORE_START"
 
 
-class SpawnFailed(CallDenied):
+class SpawnFailed(FixedReasonDenial):
     """The template was valid at load time but the process could not be started."""
 
     status = grpc.StatusCode.INTERNAL
     default_message = "the command could not be started"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("SPAWN_FAILED", detail)
+    code = "SPAWN_FAILED"

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from cmdgate.agent.config import AuthConfig, VerificationKey, _fetchable, parse_jwks
+from cmdgate.agent.config import AuthConfig, VerificationKey, fetchable_url, parse_jwks
 
 log = logging.getLogger("cmdgate.agent")
 
@@ -95,7 +95,7 @@ class RemoteKeys:
                 self.auth.issuer.rstrip("/") + "/.well-known/openid-configuration"
             )
             url = metadata.get("jwks_uri") if isinstance(metadata, dict) else None
-            if not isinstance(url, str) or not _fetchable(url):
+            if not isinstance(url, str) or not fetchable_url(url):
                 raise ValueError(f"discovery gave no usable jwks_uri: {str(url)[:200]!r}")
             if metadata.get("issuer") != self.auth.issuer:
                 raise ValueError(f"discovery names issuer {metadata.get('issuer')!r}")

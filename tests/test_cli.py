@@ -661,25 +661,9 @@ def test_token_mint_binds_to_a_certificate_and_grants_audit(
     from cryptography.hazmat.primitives.serialization import Encoding
 
     assert cli("keygen", "--out", str(tmp_path), "--kid", "bind").code == 0
-    done = cli(
-        "token",
-        "mint",
-        "--key",
-        str(tmp_path / "bind.pem"),
-        "--kid",
-        "bind",
-        "--iss",
-        "i",
-        "--aud",
-        "a",
-        "--sub",
-        "s",
-        "--cmds",
-        "x",
-        "--audit",
-        "--cnf-cert",
-        str(agent.lab.client_cert),
-    )
+    mint = ["token", "mint", "--key", str(tmp_path / "bind.pem"), "--kid", "bind"]
+    mint += ["--iss", "i", "--aud", "a", "--sub", "s", "--cmds", "x"]
+    done = cli(*mint, "--audit", "--cnf-cert", str(agent.lab.client_cert))
     assert done.code == 0, done.stderr
     claims = jwt.decode(done.stdout.decode().strip(), options={"verify_signature": False})
     der = x509.load_pem_x509_certificate(agent.lab.client_cert.read_bytes()).public_bytes(
@@ -688,22 +672,5 @@ def test_token_mint_binds_to_a_certificate_and_grants_audit(
     expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
     assert claims["cnf"] == {"x5t#S256": expected}
     assert claims["cmdgate_audit"] is True
-    missing = cli(
-        "token",
-        "mint",
-        "--key",
-        str(tmp_path / "bind.pem"),
-        "--kid",
-        "bind",
-        "--iss",
-        "i",
-        "--aud",
-        "a",
-        "--sub",
-        "s",
-        "--cmds",
-        "x",
-        "--cnf-cert",
-        str(tmp_path / "nope.pem"),
-    )
+    missing = cli(*mint, "--cnf-cert", str(tmp_path / "nope.pem"))
     assert missing.code == 64 and missing.stderr.startswith("cmdgate: --cnf-cert")
