@@ -11,9 +11,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The spawn (agent/_spawn.c) is compiled at install: a C compiler and Python's headers.
+$(VENV)/.cc: | $(BIN)/python
+	@if ! command -v cc >/dev/null || ! $(BIN)/python -c 'import sys, sysconfig, os; \
+	  sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing a C compiler and Python's headers (apt-get)"; \
+	    apt-get install -y -q gcc libc6-dev python3-dev >/dev/null; \
+	  else echo "cmdgate needs a C compiler (cc) and Python.h: e.g. apt-get install gcc python3-dev"; \
+	    exit 1; fi; fi
+	touch $@
+
 # Dependencies only when pyproject.toml changes; the package itself on every run,
 # so that new modules are linked into the (strict) editable install.
-$(VENV)/.deps: pyproject.toml | $(BIN)/python
+$(VENV)/.deps: pyproject.toml | $(BIN)/python $(VENV)/.cc
 	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=strict \
 	  >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	touch $@

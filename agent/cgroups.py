@@ -6,16 +6,22 @@ v2 below the agent's (under systemd, the subtree ``Delegate=yes`` hands over),
 and ending a run writes ``cgroup.kill``. The cgroup2 mount is found through
 /proc/self/mountinfo, since it is not always at /sys/fs/cgroup.
 
-A child must be born inside its cgroup, or it could fork before being moved.
-Python cannot spawn into a cgroup (no ``CLONE_INTO_CGROUP``), and
-``preexec_fn`` is unsafe with gRPC's threads; so the agent steps into the
-run's cgroup for the instant of the spawn and steps back out. Spawns happen
-one at a time on the event loop thread, so the steps cannot interleave.
+A command must be inside its cgroup before it runs, or it could fork before
+being moved. The spawn (``_spawn.c``) has the child born in the run's cgroup
+v2 (clone3 with ``CLONE_INTO_CGROUP``), and join the others (cgroup v1 pids)
+itself before execve. The agent itself never moves: every migration waits
+for the kernel's RCU grace period, up to 20 ms when the host was idle.
 
-Limits (``pids.max``, ``memory.max``, ``cpu.max``) are written once the agent
-has stepped out, so that its own threads never count against them. Where the
-cgroup v2 hierarchy has no pids controller (a hybrid host), the cgroup v1
-pids hierarchy, if mounted, carries the pids limit.
+Some kernels kill a child born in a cgroup whose ``cgroup.kill`` count differs
+from its parent's. So a run's cgroup is killed only when something is left in
+it, only a cgroup never killed is reused, and the agent checks at start that
+a child born in a fresh cgroup lives (else children join their cgroup
+themselves).
+
+Limits (``pids.max``, ``memory.max``, ``cpu.max``) are written before the
+spawn, so the command is never unlimited. Where the cgroup v2 hierarchy has
+no pids controller (a hybrid host), the cgroup v1 pids hierarchy, if mounted,
+carries the pids limit.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cmdgate.agent import _spawn
 from cmdgate.agent.templates import Limits
 
 log = logging.getLogger("cmdgate.agent")
@@ -71,10 +78,17 @@ class RunCgroups:
     """Makes, fills, limits, kills and removes the cgroups of runs."""
 
     def __init__(
-        self, home: Path, runs: Path, controllers: frozenset[str], pids_v1: tuple[Path, Path] | None
+        self,
+        home: Path,
+        runs: Path,
+        controllers: frozenset[str],
+        pids_v1: tuple[Path, Path] | None,
+        born_inside: bool = True,
     ) -> None:
         self.home = home  # where the agent itself lives
         self.runs = runs
+        # children are born in their cgroup v2 (else they join it themselves)
+        self.born_inside = born_inside
         self._spares: list[RunCgroup] = []
         self.controllers = controllers
         # (the agent's own v1 pids cgroup, the folder for runs' v1 pids cgroups)
@@ -108,13 +122,47 @@ class RunCgroups:
             return None
         controllers = cls._delegate(home, runs)
         pids_v1 = None if "pids" in controllers else cls._pids_v1()
+        born_inside = cls._born_inside_works(runs)
         log.info(
-            "runs get their own cgroup under %s (controllers: %s%s)",
+            "runs get their own cgroup under %s (controllers: %s%s%s)",
             runs,
             ", ".join(sorted(controllers)) or "none",
             "; pids via cgroup v1" if pids_v1 else "",
+            "" if born_inside else "; children join it themselves",
         )
-        return cls(home, runs, controllers, pids_v1)
+        return cls(home, runs, controllers, pids_v1, born_inside)
+
+    @staticmethod
+    def _born_inside_works(runs: Path) -> bool:
+        """Whether a child born in a fresh cgroup (``CLONE_INTO_CGROUP``) lives: not on
+        kernels that compare ``cgroup.kill`` counts, if the agent's cgroup was ever killed."""
+        probe = runs / f"probe-clone-{os.getpid()}"
+        true = next((p for p in ("/bin/true", "/usr/bin/true") if os.access(p, os.X_OK)), None)
+        if true is None:
+            return False
+        opened: list[int] = []
+        try:
+            probe.mkdir()
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            opened.append(devnull)
+            directory = os.open(probe, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            opened.append(directory)
+            procs = os.open(probe / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            opened.append(procs)
+            argv = [true.encode()]
+            pid = _spawn.spawn(
+                argv[0], argv, [], b"/", devnull, devnull, devnull, (directory, procs), [], None
+            )
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status) == 0
+        except OSError as e:
+            log.info("cannot try a spawn into a cgroup (%s): children join it themselves", e)
+            return False
+        finally:
+            for fd in opened:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                probe.rmdir()
 
     @staticmethod
     def _delegate(home: Path, runs: Path) -> frozenset[str]:
@@ -184,17 +232,12 @@ class RunCgroups:
         return RunCgroup(self, path, pids_path)
 
     def recycle(self, cgroup: RunCgroup) -> bool:
-        """Keep an emptied cgroup for the next run (saves a mkdir and an rmdir each);
-        False if it is not empty or there are spares enough, and it should be removed."""
-        if len(self._spares) >= MAX_SPARE_CGROUPS or cgroup.pids():
+        """Keep an emptied cgroup for the next run (saves a mkdir and an rmdir each; the
+        next run writes every limit afresh); False if it was killed, is not empty or there
+        are spares enough, and it should be removed."""
+        if cgroup.killed or len(self._spares) >= MAX_SPARE_CGROUPS or cgroup.pids():
             return False
         if cgroup.pids_v1 is not None and (cgroup.pids_v1 / "cgroup.procs").read_text().strip():
-            return False
-        try:
-            # lifted now, not at the next spawn: the agent steps in there, and its own
-            # threads must not meet the last run's pids.max or memory.max
-            cgroup.limit(Limits())
-        except OSError:
             return False
         self._spares.append(cgroup)
         return True
@@ -212,28 +255,15 @@ class RunCgroup:
         self.owner = owner
         self.path = path
         self.pids_v1 = pids_v1
+        self.killed = False
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        """Hold the agent inside this cgroup meanwhile, so that a child spawned now is born
-        in it; the agent steps back out after."""
-        pid = str(os.getpid())
-        _write(self.path / "cgroup.procs", pid)
-        try:
-            if self.pids_v1 is not None:
-                _write(self.pids_v1 / "cgroup.procs", pid)
-            try:
-                yield
-            finally:
-                if self.pids_v1 is not None and self.owner.pids_v1 is not None:
-                    _write(self.owner.pids_v1[0] / "cgroup.procs", pid)
-        finally:
-            home = self.owner.home
-            target = home / "agent" if (home / "agent").is_dir() else home
-            _write(target / "cgroup.procs", pid)
+    def v1_procs_files(self) -> list[Path]:
+        """The cgroup v1 ``cgroup.procs`` a child joins itself before it runs (clone3 can
+        only place it in a cgroup v2)."""
+        return [] if self.pids_v1 is None else [self.pids_v1 / "cgroup.procs"]
 
     def limit(self, limits: Limits) -> None:
-        """Apply the limits, and lift any a recycled cgroup had; the command is inside."""
+        """Apply the limits, and lift any a recycled cgroup had; before the spawn."""
         controllers = self.owner.controllers
         pids_folder = self.path if "pids" in controllers else self.pids_v1
         if pids_folder is not None:
@@ -256,10 +286,12 @@ class RunCgroup:
 
     def kill(self) -> None:
         """SIGKILL everything in the run at once; nothing inside can fork its way out."""
-        if os.getpid() in self.pids():
-            # the agent failed to step back out: killing the cgroup would kill the agent
-            log.error("the agent is still inside %s; not killing it", self.path)
-            return
+        try:
+            if not (self.path / "cgroup.procs").read_text().split():
+                return  # nothing to kill (and nothing can enter): it stays reusable
+        except OSError:
+            pass
+        self.killed = True
         with contextlib.suppress(OSError):
             _write(self.path / "cgroup.kill", "1")
 

@@ -2,9 +2,11 @@
 
 The child starts in a new session (so it leads its own process group), with
 stdin from /dev/null, only fds 0, 1 and 2, and exactly the template's
-environment. Its output is read as it comes, in chunks of at most 64 KiB, and
-handed to the caller with backpressure: a slow client slows the command down
-instead of filling the agent's memory.
+environment. Where runs have cgroups, it is inside its own, limited, before
+the command's first instruction (``_spawn.c``). Its output is read as it
+comes, in chunks of at most 64 KiB, and handed to the caller with
+backpressure: a slow client slows the command down instead of filling the
+agent's memory.
 
 Every way a run can end early — timeout, output cap, client cancel or
 disconnect, agent shutdown — goes through ``terminate()``: SIGTERM to the
@@ -18,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import hashlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from cmdgate.agent import _spawn
 from cmdgate.agent.cgroups import RunCgroup
 from cmdgate.agent.errors import SpawnFailed
 from cmdgate.agent.subreaper import OrphanSweeper
@@ -69,6 +72,15 @@ class RunOutcome:
     stderr_sha256: str
 
 
+@dataclass(frozen=True)
+class _Child:
+    """A spawned leader: its pid and the read ends of its output pipes."""
+
+    pid: int
+    stdout: int
+    stderr: int
+
+
 class ProcessRun:
     """One spawned command. ``start()``, then iterate ``output()``, then read ``outcome``."""
 
@@ -98,7 +110,7 @@ class ProcessRun:
         self.max_output_bytes = max_output_bytes
         self.outcome: RunOutcome | None = None
         self._loop = asyncio.get_running_loop()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: _Child | None = None
         self._pidfd = -1
         self._queue: asyncio.Queue[tuple[StreamName, bytes] | None] = asyncio.Queue()
         self._open: dict[StreamName, int] = {}
@@ -120,22 +132,19 @@ class ProcessRun:
     def start(self) -> None:
         """Spawn the process, in its own cgroup where there is one; raise ``SpawnFailed``
         if it cannot be started (or contained)."""
-        try:
-            if self.cgroup is None:
-                self._proc = self._spawn()
-            else:
-                with self.cgroup.entered():
-                    self._proc = self._spawn()
-        except (OSError, ValueError) as e:  # ValueError: e.g. an embedded NUL
-            self._abandon()
-            reason = e.strerror if isinstance(e, OSError) else str(e)
-            raise SpawnFailed(f"{self.argv[0]}: {reason}") from None
         if self.cgroup is not None:
             try:
+                # before the spawn: the command is born limited, with no moment unbounded
                 self.cgroup.limit(self.limits)
             except OSError as e:
                 self._abandon()
                 raise SpawnFailed(f"cannot apply limits: {e.strerror}") from None
+        try:
+            self._proc = self._spawn()
+        except (OSError, ValueError) as e:  # ValueError: e.g. an embedded NUL
+            self._abandon()
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise SpawnFailed(f"{self.argv[0]}: {reason}") from None
         self._watch()
 
     def _abandon(self) -> None:
@@ -146,38 +155,70 @@ class ProcessRun:
                 self.cgroup.kill()
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+            os.waitpid(proc.pid, 0)
+            for fd in (proc.stdout, proc.stderr):
+                os.close(fd)
         if self.cgroup is not None:
             self.cgroup.remove()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> _Child:
         run_as = self.run_as
-        if run_as is not None and (run_as.uid, run_as.gid) == (os.geteuid(), os.getegid()):
-            run_as = None  # already that user; setgroups would need CAP_SETGID for nothing
-        # No preexec_fn: it is unsafe with threads, and gRPC has threads.
-        return subprocess.Popen(
-            self.argv,
-            executable=self.argv[0],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env,
-            cwd=self.cwd,
-            close_fds=True,
-            start_new_session=True,
-            bufsize=0,
-            user=run_as.uid if run_as else None,
-            group=run_as.gid if run_as else None,
-            extra_groups=list(run_as.groups) if run_as else None,
-        )
+        user = None
+        if run_as is not None and (run_as.uid, run_as.gid) != (os.geteuid(), os.getegid()):
+            # (as the same user, setgroups would need CAP_SETGID for nothing)
+            user = (run_as.uid, run_as.gid, list(run_as.groups))
+        env = []
+        for name, value in self.env.items():
+            if not name or "=" in name:
+                raise ValueError(f"illegal environment variable name {name!r}")
+            env.append(os.fsencode(name) + b"=" + os.fsencode(value))
+        # No preexec_fn (unsafe with gRPC's threads): the child's steps are in C.
+        opened: list[int] = []
+        try:
+            stdin = _high(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), opened)
+            out_r, out_w = (_high(fd, opened) for fd in os.pipe2(os.O_CLOEXEC))
+            err_r, err_w = (_high(fd, opened) for fd in os.pipe2(os.O_CLOEXEC))
+            cgroup = None
+            join = []
+            if self.cgroup is not None:
+                procs = _high(
+                    os.open(self.cgroup.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC), opened
+                )
+                if self.cgroup.owner.born_inside:
+                    # born in the cgroup v2 (joins it itself where the kernel cannot)
+                    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                    cgroup = (_high(os.open(self.cgroup.path, flags), opened), procs)
+                else:
+                    join.append(procs)
+                join += [
+                    _high(os.open(path, os.O_WRONLY | os.O_CLOEXEC), opened)
+                    for path in self.cgroup.v1_procs_files()
+                ]
+            pid = _spawn.spawn(
+                os.fsencode(self.argv[0]),
+                [os.fsencode(arg) for arg in self.argv],
+                env,
+                os.fsencode(self.cwd),
+                stdin,
+                out_w,
+                err_w,
+                cgroup,
+                join,
+                user,
+            )
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for fd in opened:
+            if fd not in (out_r, err_r):
+                os.close(fd)
+        return _Child(pid, out_r, err_r)
 
     def _watch(self) -> None:
         self._started_at = time.monotonic()
         proc = self._proc
-        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        assert proc is not None
         if self.sweeper is not None:
             self.sweeper.leaders.add(proc.pid)
             self._born = self.sweeper.create_time(proc.pid)
@@ -190,8 +231,7 @@ class ProcessRun:
                 self.sweeper.leaders.discard(proc.pid)
             raise SpawnFailed(f"pidfd_open: {e.strerror}") from None
         self._loop.add_reader(self._pidfd, self._on_leader_exit)
-        for name, pipe in ((StreamName.STDOUT, proc.stdout), (StreamName.STDERR, proc.stderr)):
-            fd = pipe.fileno()
+        for name, fd in ((StreamName.STDOUT, proc.stdout), (StreamName.STDERR, proc.stderr)):
             os.set_blocking(fd, False)
             self._open[name] = fd
             self._loop.add_reader(fd, self._on_readable, name, fd)
@@ -298,10 +338,7 @@ class ProcessRun:
         if fd is None:
             return
         self._loop.remove_reader(fd)
-        assert self._proc is not None
-        pipe = self._proc.stdout if name is StreamName.STDOUT else self._proc.stderr
-        assert pipe is not None
-        pipe.close()
+        os.close(fd)
         if not self._open:
             self._queue.put_nowait(None)
 
@@ -317,7 +354,8 @@ class ProcessRun:
         elif self.sweeper is not None:
             # the leader's orphans are the agent's now (subreaper): none outlives the run
             self.sweeper.kill_orphans(born_after=self._born)
-        self._returncode = self._proc.wait()
+        _, status = os.waitpid(self._proc.pid, 0)
+        self._returncode = os.waitstatus_to_exitcode(status)
         if self.sweeper is not None:
             self.sweeper.leaders.discard(self._proc.pid)
         self._duration_ms = int((time.monotonic() - self._started_at) * 1000)
@@ -361,3 +399,16 @@ class ProcessRun:
             stdout_sha256=self._digests[StreamName.STDOUT].hexdigest(),
             stderr_sha256=self._digests[StreamName.STDERR].hexdigest(),
         )
+
+
+def _high(fd: int, opened: list[int]) -> int:
+    """``fd``, moved above 2 if it is not (it becomes one of the child's 0, 1 and 2
+    otherwise); kept in ``opened`` for closing."""
+    if fd <= 2:
+        try:
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        finally:
+            os.close(fd)
+        fd = high
+    opened.append(fd)
+    return fd

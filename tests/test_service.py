@@ -97,7 +97,7 @@ def test_a_reused_cgroup_does_not_keep_the_last_runs_limits(fresh: Agent) -> Non
     with fresh.client(fresh.token(["tiny", "probe"])) as client:
         for _ in range(3):
             assert client.run("tiny").exit_code == 0
-            # the agent steps into a recycled cgroup to spawn: pids.max 2 must be gone
+            # a recycled cgroup gets every limit afresh: pids.max 2 must be gone
             result = client.run("probe", {"mode": "argv", "arg": "after"})
             assert json.loads(result.stdout) == ["after"]
 
