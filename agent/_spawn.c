@@ -146,22 +146,18 @@ static void _Py_NO_RETURN
 child_exec(const struct child_plan *plan)
 {
     int fd = plan->error_fd;
-    struct sigaction dfl;
+    /* the kernel's struct sigaction; SIG_DFL is 0, so all zeros whatever the field order */
+    struct { unsigned long handler, flags, restorer, mask; } dfl;
     sigset_t none;
 
-    /* handlers of the agent are not the command's; SIGPIPE and SIGXFSZ were ignored */
+    /* every handler and ignored signal of the agent's back to the default (an ignored
+     * signal would survive execve), glibc's own two included: raw rt_sigaction */
     memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < NSIG; sig++) {
-        struct sigaction old;
+    for (int sig = 1; sig <= 64; sig++) {
         if (sig == SIGKILL || sig == SIGSTOP)
             continue;
-        if (sigaction(sig, NULL, &old) != 0)
-            continue;  /* glibc's own signals */
-        if (old.sa_handler != SIG_DFL &&
-            (old.sa_handler != SIG_IGN || sig == SIGPIPE || sig == SIGXFSZ))
-            if (sigaction(sig, &dfl, NULL) != 0)
-                child_fail(fd, STAGE_SIGNALS);
+        if (syscall(SYS_rt_sigaction, sig, &dfl, NULL, (size_t)8) != 0)
+            child_fail(fd, STAGE_SIGNALS);
     }
     sigemptyset(&none);
     if (sigprocmask(SIG_SETMASK, &none, NULL) != 0)
