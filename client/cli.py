@@ -48,6 +48,10 @@ class UsageError(Exception):
     """Bad command line or local input: exit 64."""
 
 
+class OutputFailed(Exception):
+    """The command's output could not be written here (a full disk...): exit 120."""
+
+
 class _Formatter(argparse.HelpFormatter):
     """argparse's formatter, sized without ``shutil`` (whose import, with bz2 and lzma,
     costs every ``cmdgate run`` a few milliseconds)."""
@@ -229,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"cmdgate: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputFailed as e:
+        with contextlib.suppress(OSError):
+            os.write(2, f"cmdgate: {e}\n".encode())
+        return EXIT_OUTPUT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
@@ -392,12 +400,16 @@ class _Printer:
             if self.prefix:
                 prefix = f"{self.host}: ".encode()
                 data = b"".join(prefix + line for line in data.splitlines(keepends=True))
-            if escaper is None:
-                out.buffer.write(data)
-                out.buffer.flush()
-            else:
-                out.write(escaper.feed(data, final))
-                out.flush()
+            try:
+                if escaper is None:
+                    if data:
+                        out.buffer.write(data)
+                        out.buffer.flush()
+                elif text := escaper.feed(data, final):
+                    out.write(text)
+                    out.flush()
+            except OSError as e:
+                raise OutputFailed(f"cannot write the output to {stream}: {e.strerror}") from None
 
 
 def _error_line(host: str, error: ClientError) -> None:

@@ -350,6 +350,25 @@ def test_binary_output_is_byte_exact_when_not_a_terminal(cli: Cli) -> None:
     assert done.stderr == ""
 
 
+def test_output_that_cannot_be_written_exits_120_with_one_line(cli: Cli) -> None:
+    args = ["run", cli.agent.target, "probe", "mode=binary", "arg=64", *cli.tls]
+    args += ["--token-file", str(cli.token_file())]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [str(CMDGATE), *args], stdout=full, stderr=subprocess.PIPE, env=cli.env, timeout=30
+        )
+    assert done.returncode == 120
+    assert (
+        done.stderr.decode()
+        == "cmdgate: cannot write the output to stdout: No space left on device\n"
+    )
+    # nothing to write: the remote exit code, as ever
+    args[3:5] = ["mode=exit", "arg=3"]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([str(CMDGATE), *args], stdout=full, env=cli.env, timeout=30)
+    assert done.returncode == 3
+
+
 def test_stdout_and_stderr_are_kept_apart(cli: Cli) -> None:
     done = cli.run("probe", "mode=stderr")
     assert (done.code, done.stdout, done.stderr) == (0, b"to stdout\n", "to stderr\n")
