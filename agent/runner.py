@@ -18,6 +18,7 @@ id cannot have been reused by then.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import fcntl
@@ -39,6 +40,8 @@ KILL_GRACE_SECONDS = 2.0
 # After the leader exits, how long to wait for the pipes to close. A descendant
 # that escaped the group (setsid) and keeps them open is not waited for longer.
 EOF_GRACE_SECONDS = 1.0
+# One thread spawns, so that the event loop never waits for an execve.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmdgate-spawn")
 # Pause reading a pipe while this many chunks wait for the client.
 _QUEUE_HIGH_WATER = 8
 
@@ -129,9 +132,14 @@ class ProcessRun:
         assert self._proc is not None
         return self._proc.pid
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Spawn the process, in its own cgroup where there is one; raise ``SpawnFailed``
-        if it cannot be started (or contained)."""
+        if it cannot be started (or contained).
+
+        The spawn runs on a thread of its own: the parent waits there until the child has
+        called execve, which can take milliseconds (a cold binary, the kernel's wait to
+        join a cgroup v1), and the event loop serves other calls meanwhile.
+        """
         if self.cgroup is not None:
             try:
                 # before the spawn: the command is born limited, with no moment unbounded
@@ -139,12 +147,19 @@ class ProcessRun:
             except OSError as e:
                 self._abandon()
                 raise SpawnFailed(f"cannot apply limits: {e.strerror}") from None
+        spawned = self._loop.run_in_executor(_SPAWNER, self._spawn)
         try:
-            self._proc = self._spawn()
+            self._proc = await asyncio.shield(spawned)
         except (OSError, ValueError) as e:  # ValueError: e.g. an embedded NUL
             self._abandon()
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise SpawnFailed(f"{self.argv[0]}: {reason}") from None
+        except asyncio.CancelledError:
+            # the call ended during the spawn: a child that started anyway is killed
+            with contextlib.suppress(Exception):
+                self._proc = await spawned
+            self._abandon()
+            raise
         self._watch()
 
     def _abandon(self) -> None:

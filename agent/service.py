@@ -187,7 +187,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     # admitted before the stop began, recorded after: refused all the same
                     raise AgentStopping()
                 run = self._new_run(template, rendered.argv, timeout, record["run_id"])
-                run.start()
+                await run.start()
             except CallDenied as failure:
                 await self._write_finished(record, None, failure)
                 log.error("run %s: %s", record["run_id"], failure.detail)
