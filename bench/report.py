@@ -155,7 +155,7 @@ def write_markdown(
             if setting.cpu_pressure is not None
             else ""
         ),
-        f"- kernel: {platform.system()} {platform.release()}",
+        f"- kernel: {platform.system()} {platform.release()}; cgroups: {_cgroup_layout()}",
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- grpcio {grpc.__version__}",
         f"- OpenSSH: {setting.ssh_version or 'not installed'}",
@@ -164,6 +164,23 @@ def write_markdown(
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def _cgroup_layout() -> str:
+    """Whether runs' cgroups are v2 only, or their pids limit needs a join to cgroup v1."""
+    v1_pids = v2 = False
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fstype, _, options = line.partition(" - ")[2].partition(" ")
+            v2 = v2 or fstype == "cgroup2"
+            v1_pids = v1_pids or (fstype == "cgroup" and "pids" in options.split()[-1].split(","))
+    if v2 and v1_pids:
+        return (
+            "hybrid (the pids controller is on cgroup v1: each run's child joins a v1 cgroup "
+            "before execve, which waits for an RCU grace period after an idle moment; see "
+            "bench/README.md)"
+        )
+    return "cgroup v2" if v2 else "no cgroup v2"
 
 
 def write_plot(path: Path, panels: Sequence[tuple[str, Mapping[str, Sequence[float]]]]) -> None:
