@@ -136,9 +136,9 @@ class ProcessRun:
         """Spawn the process, in its own cgroup where there is one; raise ``SpawnFailed``
         if it cannot be started (or contained).
 
-        The spawn runs on a thread of its own: the parent waits there until the child has
-        called execve, which can take milliseconds (a cold binary, the kernel's wait to
-        join a cgroup v1), and the event loop serves other calls meanwhile.
+        With cgroups, the spawn runs on a thread of its own: the parent waits there until
+        the child has called execve, which can take milliseconds (a cold binary, the
+        kernel's wait to join a cgroup v1), and the event loop serves other calls meanwhile.
         """
         if self.cgroup is not None:
             try:
@@ -147,20 +147,29 @@ class ProcessRun:
             except OSError as e:
                 self._abandon()
                 raise SpawnFailed(f"cannot apply limits: {e.strerror}") from None
-        spawned = self._loop.run_in_executor(_SPAWNER, self._spawn)
         try:
-            self._proc = await asyncio.shield(spawned)
+            if self.sweeper is not None:
+                # the sweeper reaps the agent's unknown children from this loop: the leader
+                # must be known to it (in _watch) before the loop runs anything else
+                self._proc = self._spawn()
+            else:
+                self._proc = await self._spawn_on_thread()
         except (OSError, ValueError) as e:  # ValueError: e.g. an embedded NUL
             self._abandon()
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise SpawnFailed(f"{self.argv[0]}: {reason}") from None
+        self._watch()
+
+    async def _spawn_on_thread(self) -> _Child:
+        spawned = self._loop.run_in_executor(_SPAWNER, self._spawn)
+        try:
+            return await asyncio.shield(spawned)
         except asyncio.CancelledError:
             # the call ended during the spawn: a child that started anyway is killed
             with contextlib.suppress(Exception):
                 self._proc = await spawned
             self._abandon()
             raise
-        self._watch()
 
     def _abandon(self) -> None:
         """Kill and reap a child that cannot be run as it should (uncontained, unlimited)."""
