@@ -6,6 +6,7 @@ lets us, real cgroups; the agent-level behaviour is in test_run and test_service
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from cmdgate.agent import _spawn
 from cmdgate.agent.cgroups import RUNS_FOLDER, RunCgroups
 from cmdgate.agent.lab import LabPaths
+from cmdgate.agent.runner import ProcessRun
 from tests.support import Agent, Keys, start_test_agent
 
 # The child reports what it was given, as JSON on stdout.
@@ -214,3 +217,28 @@ def test_a_killed_cgroup_is_never_reused(fresh_agent: Agent, tmp_path: Path) -> 
             result = client.run("probe", {"mode": "argv", "arg": "ok"})
             assert (result.exit_code, result.signal) == (0, None), result
             assert json.loads(result.stdout) == ["ok"]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.0005, 0.002])
+def test_a_call_cancelled_during_the_spawn_leaves_no_process(delay: float) -> None:
+    """The spawn runs on a thread: a cancel that lands meanwhile must still kill and reap
+    a child that started, and close every descriptor."""
+    argv = ["/bin/sleep", f"{987 + delay:.4f}"]
+
+    async def start_then_cancel() -> None:
+        run = ProcessRun(argv, {}, "/", timeout_seconds=60, max_output_bytes=1024)
+        task = asyncio.ensure_future(run.start())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return
+        # the spawn won the race: end the run the usual way
+        await run.cancel()
+
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    asyncio.run(start_then_cancel())
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == argv]
+    assert left == []
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
