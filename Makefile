@@ -20,12 +20,13 @@ $(VENV)/.cc: | $(BIN)/python
 	    apt-get install -y -q gcc libc6-dev python3-dev >/dev/null; \
 	  else echo "cmdgate needs a C compiler (cc) and Python.h: e.g. apt-get install gcc python3-dev"; \
 	    exit 1; fi; fi
+	@command -v cc >/dev/null || { echo "still no C compiler (cc)"; exit 1; }
 	touch $@
 
 # Dependencies only when pyproject.toml changes; the package itself on every run,
 # so that new modules are linked into the (strict) editable install.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python $(VENV)/.cc
-	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=strict \
+	CFLAGS=-Werror $(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=strict \
 	  >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	touch $@
 
@@ -35,7 +36,7 @@ $(OIDC)/node_modules/.package-lock.json: $(OIDC)/package-lock.json
 	cd $(OIDC) && npm ci --no-audit --no-fund --loglevel=error
 
 install: $(VENV)/.deps $(OIDC)/node_modules/.package-lock.json
-	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . \
+	@CFLAGS=-Werror $(BIN)/pip install --quiet --no-deps --no-build-isolation -e . \
 	  --config-settings editable_mode=strict >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
 lint: install

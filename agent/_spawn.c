@@ -2,31 +2,35 @@
  * cmdgate.agent._spawn: start one command, born inside its cgroup.
  *
  * Python's subprocess cannot place a child in a cgroup, and the agent moving
- * itself in and out for each spawn is slow: a cgroup v2 migration of a
- * multi-threaded process (gRPC has threads) waits for an RCU grace period,
- * about 0.15 ms each way and up to 10 ms while connections are being set up.
+ * itself in and out for each spawn is slow: every cgroup migration waits for
+ * the kernel's RCU grace period once the host has been idle (up to 20 ms).
  * Here the child is born in the run's cgroup v2 (clone3 with CLONE_INTO_CGROUP,
  * which migrates nothing), and it joins any other cgroup itself (the cgroup v1
  * pids hierarchy of a hybrid host), between the clone and execve(), while it
  * runs only this file's code: it cannot fork before it is inside, and the
  * agent never leaves its own cgroup. Where clone3 cannot do that (an older
- * kernel, another architecture), the child joins its cgroup v2 itself as well.
+ * kernel, a seccomp filter, a shadow-stack build, another architecture), the
+ * child joins its cgroup v2 itself as well.
  *
  * The clone is vfork-like (CLONE_VM | CLONE_VFORK): copying the agent's page
  * tables would cost a millisecond. The child runs on the parent's memory and
- * stack, so until execve() it makes raw system calls only. setgroups,
- * setresgid and setresuid go through syscall(): glibc's wrappers would signal
- * every thread of the parent to change their ids too.
+ * stack, so until execve() it makes raw system calls only (glibc's wrappers
+ * may touch the parent thread's state: setresuid's signals every thread to
+ * change ids too, write's marks the thread as cancellable).
+ *
+ * Linux on x86-64 and arm64 only: the raw calls assume 32-bit ids and 64
+ * signals.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -34,11 +38,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#if !defined(__x86_64__) && !defined(__aarch64__)
+#error "cmdgate's spawn is written for Linux on x86-64 and arm64"
+#endif
+
 #ifndef CLONE_INTO_CGROUP
 #define CLONE_INTO_CGROUP 0x200000000ULL
 #endif
 #ifndef SYS_clone3
 #define SYS_clone3 435
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
 #endif
 
 /* The kernel's struct clone_args, up to ``cgroup`` (CLONE_ARGS_SIZE_VER2). */
@@ -50,13 +61,13 @@ struct clone3_args {
 /*
  * clone3 on the caller's stack, like vfork(): the child returns first and may
  * reuse the stack below, so the return address is kept in a register and put
- * back before each return (x86-64), or never leaves one (arm64). Shadow-stack
- * builds would reject the re-pushed return address: they use plain vfork().
+ * back before each return (x86-64), or never leaves one (arm64). A shadow stack
+ * (x86 CET, arm64 GCS) would reject that: such builds use plain vfork().
  */
 #if defined(__x86_64__) && !(defined(__CET__) && (__CET__ & 2))
 #define HAVE_CLONE3_VFORK 1
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".globl cmdgate_clone3_vfork\n"
     ".hidden cmdgate_clone3_vfork\n"
     ".type cmdgate_clone3_vfork, @function\n"
@@ -66,11 +77,12 @@ __asm__(
     "    syscall\n"
     "    pushq %r9\n"
     "    ret\n"
-    ".size cmdgate_clone3_vfork, .-cmdgate_clone3_vfork\n");
-#elif defined(__aarch64__)
+    ".size cmdgate_clone3_vfork, .-cmdgate_clone3_vfork\n"
+    ".popsection\n");
+#elif defined(__aarch64__) && !defined(__ARM_FEATURE_GCS_DEFAULT)
 #define HAVE_CLONE3_VFORK 1
 __asm__(
-    ".text\n"
+    ".pushsection .text\n"
     ".globl cmdgate_clone3_vfork\n"
     ".hidden cmdgate_clone3_vfork\n"
     ".type cmdgate_clone3_vfork, %function\n"
@@ -78,15 +90,16 @@ __asm__(
     "    mov x8, #435\n"
     "    svc #0\n"
     "    ret\n"
-    ".size cmdgate_clone3_vfork, .-cmdgate_clone3_vfork\n");
+    ".size cmdgate_clone3_vfork, .-cmdgate_clone3_vfork\n"
+    ".popsection\n");
 #endif
 
 #ifdef HAVE_CLONE3_VFORK
 /* the new pid, 0 in the child, or -errno */
 extern long cmdgate_clone3_vfork(struct clone3_args *args, size_t size)
     __attribute__((returns_twice, visibility("hidden")));
-/* set once the kernel has said it has no clone3 */
-static int clone3_missing;
+/* set once the kernel has refused clone3 into a cgroup (spawns may run on several threads) */
+static int clone3_refused;
 #endif
 
 /* Where the child failed, reported to the parent through the error pipe. */
@@ -105,7 +118,7 @@ enum stage {
 
 static const char *stage_names[] = {
     "", "signals", "cgroup", "setsid", "file descriptors", "chdir",
-    "setgroups", "setgid", "setuid", "close_range", "execve",
+    "setgroups", "setgid", "setuid", "closing descriptors", "execve",
 };
 
 struct failure {
@@ -133,77 +146,105 @@ struct child_plan {
 };
 
 static void _Py_NO_RETURN
-child_fail(int fd, int stage)
+child_fail(int fd, int stage, int error)
 {
-    struct failure report = {stage, errno};
-    ssize_t ignored = write(fd, &report, sizeof report);
-    (void)ignored;
-    _exit(127);
+    struct failure report = {stage, error ? error : EIO};
+    syscall(SYS_write, fd, &report, sizeof report);
+    syscall(SYS_exit_group, 127);
+    for (;;)
+        ;
 }
 
-/* Runs in the vfork child: raw system calls only, then execve or _exit. */
+/* Close every descriptor from 3 up but ``keep``, where close_range is missing or filtered. */
+static int
+close_all_but(int keep)
+{
+    char buffer[4096];
+    int dir = (int)syscall(SYS_openat, AT_FDCWD, "/proc/self/fd",
+                           O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0)
+        return -1;
+    for (;;) {
+        long got = syscall(SYS_getdents64, dir, buffer, sizeof buffer);
+        if (got < 0)
+            return -1;
+        if (got == 0)
+            break;
+        for (long at = 0; at < got;) {
+            struct dirent64 *entry = (struct dirent64 *)(buffer + at);
+            int fd = 0, digits = 0;
+            for (const char *c = entry->d_name; *c >= '0' && *c <= '9'; c++, digits++)
+                fd = fd * 10 + (*c - '0');
+            if (digits > 0 && fd > 2 && fd != keep && fd != dir)
+                syscall(SYS_close, fd);
+            at += entry->d_reclen;
+        }
+    }
+    syscall(SYS_close, dir);
+    return 0;
+}
+
+/* Runs in the vfork child: raw system calls only, then execve or exit. */
 static void _Py_NO_RETURN
 child_exec(const struct child_plan *plan)
 {
     int fd = plan->error_fd;
     /* the kernel's struct sigaction; SIG_DFL is 0, so all zeros whatever the field order */
     struct { unsigned long handler, flags, restorer, mask; } dfl;
-    sigset_t none;
+    unsigned long none = 0;
 
     /* every handler and ignored signal of the agent's back to the default (an ignored
-     * signal would survive execve), glibc's own two included: raw rt_sigaction */
+     * signal would survive execve), glibc's own two included */
     memset(&dfl, 0, sizeof dfl);
-    for (int sig = 1; sig <= 64; sig++) {
+    for (int sig = 1; sig < NSIG; sig++) {
         if (sig == SIGKILL || sig == SIGSTOP)
             continue;
-        if (syscall(SYS_rt_sigaction, sig, &dfl, NULL, (size_t)8) != 0)
-            child_fail(fd, STAGE_SIGNALS);
+        if (syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof none) != 0)
+            child_fail(fd, STAGE_SIGNALS, errno);
     }
-    sigemptyset(&none);
-    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0)
-        child_fail(fd, STAGE_SIGNALS);
+    if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, sizeof none) != 0)
+        child_fail(fd, STAGE_SIGNALS, errno);
 
     /* contained before it runs a single instruction of the command */
-    if (plan->self_join >= 0 && write(plan->self_join, "0", 1) != 1)
-        child_fail(fd, STAGE_CGROUP);
+    if (plan->self_join >= 0 && syscall(SYS_write, plan->self_join, "0", 1) != 1)
+        child_fail(fd, STAGE_CGROUP, errno);
     for (Py_ssize_t i = 0; i < plan->n_join_fds; i++)
-        if (write(plan->join_fds[i], "0", 1) != 1)
-            child_fail(fd, STAGE_CGROUP);
+        if (syscall(SYS_write, plan->join_fds[i], "0", 1) != 1)
+            child_fail(fd, STAGE_CGROUP, errno);
 
-    if (setsid() < 0)
-        child_fail(fd, STAGE_SETSID);
+    if (syscall(SYS_setsid) < 0)
+        child_fail(fd, STAGE_SETSID, errno);
 
     for (int target = 0; target < 3; target++) {
         int source = plan->stdio[target];
         if (source == target) {
-            int flags = fcntl(source, F_GETFD);
-            if (flags < 0 || fcntl(source, F_SETFD, flags & ~FD_CLOEXEC) < 0)
-                child_fail(fd, STAGE_FDS);
-        } else if (dup2(source, target) < 0) {
-            child_fail(fd, STAGE_FDS);
+            if (syscall(SYS_fcntl, source, F_SETFD, 0) < 0)
+                child_fail(fd, STAGE_FDS, errno);
+        } else if (syscall(SYS_dup3, source, target, 0) < 0) {
+            child_fail(fd, STAGE_FDS, errno);
         }
     }
 
-    if (chdir(plan->cwd) != 0)
-        child_fail(fd, STAGE_CHDIR);
+    if (syscall(SYS_chdir, plan->cwd) != 0)
+        child_fail(fd, STAGE_CHDIR, errno);
 
     if (plan->switch_user) {
         if (syscall(SYS_setgroups, (size_t)plan->n_groups, plan->groups) != 0)
-            child_fail(fd, STAGE_GROUPS);
+            child_fail(fd, STAGE_GROUPS, errno);
         if (syscall(SYS_setresgid, plan->gid, plan->gid, plan->gid) != 0)
-            child_fail(fd, STAGE_GID);
+            child_fail(fd, STAGE_GID, errno);
         if (syscall(SYS_setresuid, plan->uid, plan->uid, plan->uid) != 0)
-            child_fail(fd, STAGE_UID);
+            child_fail(fd, STAGE_UID, errno);
     }
 
-    /* fds 0, 1 and 2 only; the error pipe closes itself at execve (O_CLOEXEC) */
-    if (fd > 3 && syscall(SYS_close_range, 3u, (unsigned int)fd - 1, 0u) != 0)
-        child_fail(fd, STAGE_CLOSE);
-    if (syscall(SYS_close_range, (unsigned int)fd + 1, ~0u, 0u) != 0)
-        child_fail(fd, STAGE_CLOSE);
+    /* fds 0, 1 and 2 only; the error pipe (fd 3 or above) closes itself at execve */
+    int closed = (fd == 3 || syscall(SYS_close_range, 3u, (unsigned int)fd - 1, 0u) == 0) &&
+                 syscall(SYS_close_range, (unsigned int)fd + 1, ~0u, 0u) == 0;
+    if (!closed && close_all_but(fd) != 0)
+        child_fail(fd, STAGE_CLOSE, errno);
 
-    execve(plan->path, plan->argv, plan->envp);
-    child_fail(fd, STAGE_EXEC);
+    syscall(SYS_execve, plan->path, plan->argv, plan->envp);
+    child_fail(fd, STAGE_EXEC, errno);
 }
 
 #ifdef HAVE_CLONE3_VFORK
@@ -233,7 +274,7 @@ plain_vfork(const struct child_plan *plan, int *error)
     return pid;
 }
 
-/* The child's pid once it has called execve or _exit, or -1 and ``*error``. */
+/* The child's pid once it has called execve or exited, or -1 and ``*error``. */
 static pid_t
 start_child(struct child_plan *plan, int *error)
 {
@@ -246,15 +287,14 @@ start_child(struct child_plan *plan, int *error)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     plan->self_join = -1;
 #ifdef HAVE_CLONE3_VFORK
-    if (plan->cgroup_dir >= 0 && !clone3_missing) {
+    if (plan->cgroup_dir >= 0 && !__atomic_load_n(&clone3_refused, __ATOMIC_RELAXED)) {
         long made = clone_into_cgroup(plan);
         tried = 1;
         if (made > 0) {
             pid = (pid_t)made;
-        } else if (made == -ENOSYS || made == -E2BIG || made == -EINVAL) {
-            /* no clone3, or none into a cgroup (before Linux 5.7) */
-            if (made != -EINVAL)
-                clone3_missing = 1;
+        } else if (made == -ENOSYS || made == -E2BIG || made == -EINVAL || made == -EPERM) {
+            /* no clone3, none into a cgroup (before Linux 5.7), or a seccomp filter */
+            __atomic_store_n(&clone3_refused, 1, __ATOMIC_RELAXED);
             tried = 0;
         } else {
             *error = (int)-made;
@@ -269,22 +309,23 @@ start_child(struct child_plan *plan, int *error)
     return pid;
 }
 
-/* A NULL-terminated array of the bytes in ``seq``, pointing into ``keep``'s items. */
+/* A NULL-terminated array of the bytes in ``seq``, pointing into the tuple ``*keep``. */
 static char **
 string_array(PyObject *seq, const char *what, PyObject **keep)
 {
-    PyObject *fast = PySequence_Fast(seq, what);
-    if (fast == NULL)
+    /* a tuple of bytes: nothing another thread does can change it while the GIL is free */
+    PyObject *items = PySequence_Tuple(seq);
+    if (items == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
     char **array = PyMem_Calloc((size_t)n + 1, sizeof(char *));
     if (array == NULL) {
-        Py_DECREF(fast);
+        Py_DECREF(items);
         PyErr_NoMemory();
         return NULL;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        PyObject *item = PyTuple_GET_ITEM(items, i);
         if (!PyBytes_Check(item)) {
             PyErr_Format(PyExc_TypeError, "%s: items must be bytes", what);
             goto fail;
@@ -296,44 +337,65 @@ string_array(PyObject *seq, const char *what, PyObject **keep)
         }
         array[i] = text;
     }
-    *keep = fast;
+    *keep = items;
     return array;
 fail:
     PyMem_Free(array);
-    Py_DECREF(fast);
+    Py_DECREF(items);
     return NULL;
 }
 
+/* ``value`` as an id (uid or gid): 0 to 2**32 - 2; -1 would mean "unchanged". */
 static int
-int_array(PyObject *seq, const char *what, int **out, Py_ssize_t *count)
+id_value(PyObject *value, const char *what, unsigned int *out)
 {
-    PyObject *fast = PySequence_Fast(seq, what);
-    if (fast == NULL)
+    unsigned long id = PyLong_AsUnsignedLong(value);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError) || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s: not an id from 0 to 4294967294", what);
+        }
         return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    }
+    if (id >= UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: not an id from 0 to 4294967294", what);
+        return -1;
+    }
+    *out = (unsigned int)id;
+    return 0;
+}
+
+/* The ints of ``seq``, each a descriptor (0 or more). */
+static int
+fd_array(PyObject *seq, const char *what, int **out, Py_ssize_t *count)
+{
+    PyObject *items = PySequence_Tuple(seq);
+    if (items == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
     int *array = PyMem_Calloc((size_t)n + 1, sizeof(int));
     if (array == NULL) {
-        Py_DECREF(fast);
+        Py_DECREF(items);
         PyErr_NoMemory();
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        long value = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        long value = PyLong_AsLong(PyTuple_GET_ITEM(items, i));
         if (value == -1 && PyErr_Occurred())
             goto fail;
         if (value < 0 || value > INT_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s: out of range", what);
+            PyErr_Format(PyExc_ValueError, "%s: not a descriptor", what);
             goto fail;
         }
         array[i] = (int)value;
     }
-    Py_DECREF(fast);
+    Py_DECREF(items);
     *out = array;
     *count = n;
     return 0;
 fail:
     PyMem_Free(array);
-    Py_DECREF(fast);
+    Py_DECREF(items);
     return -1;
 }
 
@@ -341,12 +403,12 @@ PyDoc_STRVAR(spawn_doc,
 "spawn(path, argv, env, cwd, stdin, stdout, stderr, cgroup, join, user) -> pid\n\
 \n\
 Start ``path`` with ``argv`` and exactly ``env`` (bytes ``NAME=value``) in a new\n\
-session, with the three fds as its 0, 1 and 2 and no others, in ``cwd``.\n\
-``cgroup`` is None or the fds ``(directory, cgroup.procs)`` of a cgroup v2 the\n\
-child is born in. Before anything else the child writes itself into each\n\
-``cgroup.procs`` fd of ``join``. ``user`` is None or ``(uid, gid, groups)``.\n\
-Returns once the command is executing; raises OSError (``strerror`` names the\n\
-step) if it is not.");
+session, with the three fds (each 3 or above) as its 0, 1 and 2 and no others,\n\
+every signal at its default and none blocked, in ``cwd``. ``cgroup`` is None or\n\
+the fds ``(directory, cgroup.procs)`` of a cgroup v2 the child is born in.\n\
+Before anything else the child writes itself into each ``cgroup.procs`` fd of\n\
+``join``. ``user`` is None or ``(uid, gid, groups)``. Returns once the command\n\
+is executing; raises OSError (``strerror`` names the step) if it is not.");
 
 static PyObject *
 spawn(PyObject *module, PyObject *args)
@@ -354,7 +416,7 @@ spawn(PyObject *module, PyObject *args)
     PyObject *path_obj, *argv_obj, *env_obj, *cwd_obj, *cgroup_obj, *join_obj, *user_obj;
     PyObject *path = NULL, *cwd = NULL, *argv_keep = NULL, *env_keep = NULL;
     char **argv = NULL, **envp = NULL;
-    int *join_fds = NULL, *group_ints = NULL;
+    int *join_fds = NULL;
     gid_t *groups = NULL;
     struct child_plan plan;
     PyObject *result = NULL;
@@ -366,10 +428,22 @@ spawn(PyObject *module, PyObject *args)
                           &plan.stdio[0], &plan.stdio[1], &plan.stdio[2], &cgroup_obj,
                           &join_obj, &user_obj))
         return NULL;
+    for (int i = 0; i < 3; i++)
+        if (plan.stdio[i] < 3) {
+            /* a low fd could be overwritten by the dup of another before it is used */
+            PyErr_SetString(PyExc_ValueError, "stdin, stdout and stderr must be fds 3 or above");
+            return NULL;
+        }
     plan.cgroup_dir = plan.cgroup_procs = -1;
-    if (cgroup_obj != Py_None &&
-        !PyArg_ParseTuple(cgroup_obj, "ii:cgroup", &plan.cgroup_dir, &plan.cgroup_procs))
-        return NULL;
+    if (cgroup_obj != Py_None) {
+        if (!PyArg_ParseTuple(cgroup_obj, "ii:cgroup", &plan.cgroup_dir, &plan.cgroup_procs))
+            return NULL;
+        if (plan.cgroup_dir < 0 || plan.cgroup_procs < 0) {
+            /* either way in is needed: without it the child would be in no cgroup */
+            PyErr_SetString(PyExc_ValueError, "cgroup: needs its directory and cgroup.procs fds");
+            return NULL;
+        }
+    }
     if (!PyUnicode_FSConverter(path_obj, &path) || !PyUnicode_FSConverter(cwd_obj, &cwd))
         goto done;
     if ((argv = string_array(argv_obj, "argv", &argv_keep)) == NULL ||
@@ -388,24 +462,33 @@ spawn(PyObject *module, PyObject *args)
     }
     plan.argv = argv;
     plan.envp = envp;
-    if (int_array(join_obj, "join", &join_fds, &plan.n_join_fds) < 0)
+    if (fd_array(join_obj, "join", &join_fds, &plan.n_join_fds) < 0)
         goto done;
     plan.join_fds = join_fds;
     if (user_obj != Py_None) {
+        PyObject *uid_obj, *gid_obj, *group_seq, *group_items;
         unsigned int uid, gid;
-        PyObject *group_seq;
-        Py_ssize_t n_groups;
-        if (!PyArg_ParseTuple(user_obj, "IIO:user", &uid, &gid, &group_seq))
+        if (!PyArg_ParseTuple(user_obj, "OOO:user", &uid_obj, &gid_obj, &group_seq) ||
+            id_value(uid_obj, "uid", &uid) < 0 || id_value(gid_obj, "gid", &gid) < 0)
             goto done;
-        if (int_array(group_seq, "groups", &group_ints, &n_groups) < 0)
+        if ((group_items = PySequence_Tuple(group_seq)) == NULL)
             goto done;
+        Py_ssize_t n_groups = PyTuple_GET_SIZE(group_items);
         groups = PyMem_Calloc((size_t)n_groups + 1, sizeof(gid_t));
         if (groups == NULL) {
+            Py_DECREF(group_items);
             PyErr_NoMemory();
             goto done;
         }
-        for (Py_ssize_t i = 0; i < n_groups; i++)
-            groups[i] = (gid_t)group_ints[i];
+        for (Py_ssize_t i = 0; i < n_groups; i++) {
+            unsigned int group;
+            if (id_value(PyTuple_GET_ITEM(group_items, i), "groups", &group) < 0) {
+                Py_DECREF(group_items);
+                goto done;
+            }
+            groups[i] = (gid_t)group;
+        }
+        Py_DECREF(group_items);
         plan.switch_user = 1;
         plan.uid = (uid_t)uid;
         plan.gid = (gid_t)gid;
@@ -416,40 +499,63 @@ spawn(PyObject *module, PyObject *args)
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
+    for (int end = 0; end < 2; end++)
+        if (error_pipe[end] < 3) {
+            /* on 0, 1 or 2 it would be overwritten by the child's stdio */
+            int high = fcntl(error_pipe[end], F_DUPFD_CLOEXEC, 3);
+            close(error_pipe[end]);
+            error_pipe[end] = high;
+            if (high < 0) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                goto done;
+            }
+        }
     plan.error_fd = error_pipe[1];
 
     pid_t pid;
-    int saved_errno;
+    int saved_errno = 0;
+    struct failure report = {0, 0};
+    ssize_t got = 0;
+    int status;
     Py_BEGIN_ALLOW_THREADS
     pid = start_child(&plan, &saved_errno);
-    Py_END_ALLOW_THREADS
     close(error_pipe[1]);
     error_pipe[1] = -1;
+    if (pid > 0) {
+        /* the child has called execve or exited by now: the pipe is closed or holds a report */
+        do {
+            got = read(error_pipe[0], &report, sizeof report);
+        } while (got < 0 && errno == EINTR);
+        if (got != 0) {
+            if (got != (ssize_t)sizeof report) {
+                /* no whole report: fail closed, whatever the child did */
+                report.stage = STAGE_EXEC;
+                report.error = got < 0 ? errno : EIO;
+                kill(pid, SIGKILL);
+            }
+            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+                ;
+        }
+    }
+    Py_END_ALLOW_THREADS
     if (pid < 0) {
         errno = saved_errno;
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
-
-    /* the child has called execve or _exit by now: the pipe is closed or holds a report */
-    struct failure report;
-    ssize_t got;
-    do {
-        got = read(error_pipe[0], &report, sizeof report);
-    } while (got < 0 && errno == EINTR);
-    if (got == (ssize_t)sizeof report) {
-        int status;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-            ;
+    if (got != 0) {
         const char *stage = report.stage > 0 && report.stage <= STAGE_EXEC
             ? stage_names[report.stage] : "?";
-        char message[160];
+        char message[200];
         if (report.stage == STAGE_EXEC)
             snprintf(message, sizeof message, "%s", strerror(report.error));
         else
             snprintf(message, sizeof message, "%s: %s", stage, strerror(report.error));
-        /* OSError(errno, message): FileNotFoundError, PermissionError... */
-        PyObject *exc_args = Py_BuildValue("(is)", report.error, message);
+        /* OSError(errno, message[, path]): FileNotFoundError, PermissionError... */
+        PyObject *text = PyUnicode_DecodeLocale(message, "surrogateescape");
+        PyObject *exc_args = text == NULL ? NULL
+            : report.stage == STAGE_EXEC ? Py_BuildValue("(iNO)", report.error, text, path_obj)
+                                         : Py_BuildValue("(iN)", report.error, text);
         if (exc_args != NULL) {
             PyErr_SetObject(PyExc_OSError, exc_args);
             Py_DECREF(exc_args);
@@ -457,6 +563,12 @@ spawn(PyObject *module, PyObject *args)
         goto done;
     }
     result = PyLong_FromLong((long)pid);
+    if (result == NULL) {
+        /* the command runs, and nobody would know its pid: end it */
+        kill(pid, SIGKILL);
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    }
 
 done:
     if (error_pipe[0] >= 0)
@@ -464,7 +576,6 @@ done:
     if (error_pipe[1] >= 0)
         close(error_pipe[1]);
     PyMem_Free(groups);
-    PyMem_Free(group_ints);
     PyMem_Free(join_fds);
     PyMem_Free(argv);
     PyMem_Free(envp);
@@ -491,5 +602,18 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__spawn(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+#ifdef HAVE_CLONE3_VFORK
+    const int born_inside = 1;
+#else
+    const int born_inside = 0;
+#endif
+    /* whether this build can have a child born in its cgroup (else it joins it itself) */
+    if (PyModule_AddIntConstant(m, "CLONE_INTO_CGROUP", born_inside) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

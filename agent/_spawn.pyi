@@ -1,5 +1,8 @@
 from collections.abc import Sequence
 
+# 1 if this build can have a child born in its cgroup (clone3), else 0
+CLONE_INTO_CGROUP: int
+
 def spawn(
     path: bytes,
     argv: Sequence[bytes],

@@ -27,6 +27,7 @@ carries the pids limit.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -128,7 +129,7 @@ class RunCgroups:
             runs,
             ", ".join(sorted(controllers)) or "none",
             "; pids via cgroup v1" if pids_v1 else "",
-            "" if born_inside else "; children join it themselves",
+            "; children are born in it" if born_inside else "; children join it themselves",
         )
         return cls(home, runs, controllers, pids_v1, born_inside)
 
@@ -136,6 +137,9 @@ class RunCgroups:
     def _born_inside_works(runs: Path) -> bool:
         """Whether a child born in a fresh cgroup (``CLONE_INTO_CGROUP``) lives: not on
         kernels that compare ``cgroup.kill`` counts, if the agent's cgroup was ever killed."""
+        if not _spawn.CLONE_INTO_CGROUP:
+            log.info("this build cannot spawn into a cgroup (a shadow-stack build)")
+            return False
         probe = runs / f"probe-clone-{os.getpid()}"
         true = next((p for p in ("/bin/true", "/usr/bin/true") if os.access(p, os.X_OK)), None)
         if true is None:
@@ -145,6 +149,9 @@ class RunCgroups:
             probe.mkdir()
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             opened.append(devnull)
+            if devnull < 3:  # the spawn takes no fd 0 to 2 for the child's
+                devnull = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, 3)
+                opened.append(devnull)
             directory = os.open(probe, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             opened.append(directory)
             procs = os.open(probe / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
@@ -235,7 +242,7 @@ class RunCgroups:
         """Keep an emptied cgroup for the next run (saves a mkdir and an rmdir each; the
         next run writes every limit afresh); False if it was killed, is not empty or there
         are spares enough, and it should be removed."""
-        if cgroup.killed or len(self._spares) >= MAX_SPARE_CGROUPS or cgroup.pids():
+        if cgroup.killed or len(self._spares) >= MAX_SPARE_CGROUPS or cgroup.populated():
             return False
         if cgroup.pids_v1 is not None and (cgroup.pids_v1 / "cgroup.procs").read_text().strip():
             return False
@@ -286,14 +293,20 @@ class RunCgroup:
 
     def kill(self) -> None:
         """SIGKILL everything in the run at once; nothing inside can fork its way out."""
-        try:
-            if not (self.path / "cgroup.procs").read_text().split():
-                return  # nothing to kill (and nothing can enter): it stays reusable
-        except OSError:
-            pass
+        if not self.populated():
+            return  # nothing to kill (and nothing can enter): it stays reusable
         self.killed = True
         with contextlib.suppress(OSError):
             _write(self.path / "cgroup.kill", "1")
+
+    def populated(self) -> bool:
+        """Whether a process is left in the run's cgroup, or in one a command made below it
+        (``cgroup.procs`` lists neither of the latter); True when it cannot tell."""
+        try:
+            lines = (self.path / "cgroup.events").read_text().splitlines()
+        except OSError:
+            return True
+        return "populated 0" not in lines
 
     def pids(self) -> list[int]:
         try:
@@ -303,9 +316,10 @@ class RunCgroup:
         return [int(p) for p in text.split()]
 
     def remove(self, timeout: float = 5.0) -> None:
-        """Remove the (killed) cgroup once it is empty."""
+        """Remove the (killed) cgroup once it is empty, with any a command made below it."""
         deadline = time.monotonic() + timeout
-        for path in (self.path, self.pids_v1):
+        below = [Path(top) for top, _, _ in os.walk(self.path, topdown=False)][:-1]
+        for path in (*below, self.path, self.pids_v1):
             if path is None:
                 continue
             while True:
@@ -318,6 +332,6 @@ class RunCgroup:
                     if time.monotonic() > deadline:
                         log.warning("cgroup %s is not empty; left behind", path)
                         break
-                    if path == self.path:
+                    if path != self.pids_v1:
                         self.kill()
                     time.sleep(0.005)

@@ -40,8 +40,9 @@ KILL_GRACE_SECONDS = 2.0
 # After the leader exits, how long to wait for the pipes to close. A descendant
 # that escaped the group (setsid) and keeps them open is not waited for longer.
 EOF_GRACE_SECONDS = 1.0
-# One thread spawns, so that the event loop never waits for an execve.
-_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmdgate-spawn")
+# Spawns run on these threads, so that the event loop never waits for an execve; a few,
+# so that one child stuck before its execve (a hung mount) does not hold up every run.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cmdgate-spawn")
 # Pause reading a pipe while this many chunks wait for the client.
 _QUEUE_HIGH_WATER = 8
 
@@ -162,14 +163,28 @@ class ProcessRun:
 
     async def _spawn_on_thread(self) -> _Child:
         spawned = self._loop.run_in_executor(_SPAWNER, self._spawn)
-        try:
-            return await asyncio.shield(spawned)
-        except asyncio.CancelledError:
-            # the call ended during the spawn: a child that started anyway is killed
-            with contextlib.suppress(Exception):
-                self._proc = await spawned
+        cancelled = False
+        while True:
+            # A cancel (the call ended, then perhaps the agent stopping) cannot stop a spawn
+            # under way: wait for it however often cancelled, so that a child that started
+            # anyway is killed, reaped and its pipes closed.
+            try:
+                child = await asyncio.shield(spawned)
+                break
+            except asyncio.CancelledError:
+                if spawned.cancelled():
+                    raise  # it never began: nothing to undo
+                cancelled = True
+            except (OSError, ValueError):
+                if cancelled:
+                    self._abandon()
+                    raise asyncio.CancelledError() from None
+                raise
+        if cancelled:
+            self._proc = child
             self._abandon()
-            raise
+            raise asyncio.CancelledError()
+        return child
 
     def _abandon(self) -> None:
         """Kill and reap a child that cannot be run as it should (uncontained, unlimited)."""
@@ -183,7 +198,8 @@ class ProcessRun:
             for fd in (proc.stdout, proc.stderr):
                 os.close(fd)
         if self.cgroup is not None:
-            self.cgroup.remove()
+            # rmdir waits for the last killed process to leave: not on the event loop
+            self._loop.run_in_executor(None, self.cgroup.remove)
 
     def _spawn(self) -> _Child:
         run_as = self.run_as
@@ -200,8 +216,8 @@ class ProcessRun:
         opened: list[int] = []
         try:
             stdin = _high(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), opened)
-            out_r, out_w = (_high(fd, opened) for fd in os.pipe2(os.O_CLOEXEC))
-            err_r, err_w = (_high(fd, opened) for fd in os.pipe2(os.O_CLOEXEC))
+            out_r, out_w = _pipe(opened)
+            err_r, err_w = _pipe(opened)
             cgroup = None
             join = []
             if self.cgroup is not None:
@@ -436,3 +452,14 @@ def _high(fd: int, opened: list[int]) -> int:
         fd = high
     opened.append(fd)
     return fd
+
+
+def _pipe(opened: list[int]) -> tuple[int, int]:
+    """A pipe with both ends above 2, both kept in ``opened``."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        read_end = _high(read_end, opened)
+    except OSError:
+        os.close(write_end)
+        raise
+    return read_end, _high(write_end, opened)

@@ -128,6 +128,7 @@ under = [{json.dumps(str(marker_dir))}]
                 "slow",
                 "flood",
                 "tree",
+                "hide",
             ],
             marker_dir,
             extra_env='FIXED = "from-template"',

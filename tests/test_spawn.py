@@ -6,13 +6,17 @@ lets us, real cgroups; the agent-level behaviour is in test_run and test_service
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from cmdgate.agent import _spawn
 from cmdgate.agent.cgroups import RUNS_FOLDER, RunCgroups
 from cmdgate.agent.lab import LabPaths
 from cmdgate.agent.runner import ProcessRun
-from tests.support import Agent, Keys, start_test_agent
+from tests.support import Agent, Keys, pid_alive, start_test_agent, wait_until
 
 # The child reports what it was given, as JSON on stdout.
 REPORT = """
@@ -99,12 +103,19 @@ def report(spawned: Spawned, env: dict[str, str], cwd: str) -> dict[str, Any]:
 def test_the_child_gets_only_what_it_was_given(spawned: Spawned, tmp_path: Path) -> None:
     # the agent ignores SIGPIPE (Python does) and may block signals: the command must not
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    # an inheritable descriptor of the agent's must not reach the command either
+    os.dup2(spawned.devnull, 1000, inheritable=True)
+    grep = Spawned()
     try:
         got = report(spawned, env={"ONLY": "this"}, cwd=str(tmp_path))
         # (grep, not Python: Python ignores SIGPIPE and SIGXFSZ itself)
-        code, status = Spawned().run(["/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"])
+        code, status = grep.run(["/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"])
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        os.close(1000)
+        grep.close()
+    # the agent's own mask is as it was
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == old
     assert got["argv"] == ["one", "t w o"]
     # nothing of the agent's environment; Python adds LC_CTYPE only on a C locale
     assert {k: v for k, v in got["env"].items() if k != "LC_CTYPE"} == {"ONLY": "this"}
@@ -149,13 +160,107 @@ def test_a_failed_start_raises_and_leaves_nothing_behind(
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
 
 
-def test_bad_arguments_are_refused_before_anything_starts(spawned: Spawned) -> None:
-    with pytest.raises(ValueError, match="null"):
-        spawned.run(["/bin/echo", "a\0b"])
-    with pytest.raises(ValueError, match="empty"):
-        _spawn.spawn(b"/bin/true", [], [], b"/", 0, 1, 2, None, [], None)
-    with pytest.raises(TypeError):
-        _spawn.spawn(b"/bin/true", ["str"], [], b"/", 0, 1, 2, None, [], None)  # type: ignore[list-item]
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"argv": [b"/bin/touch", b"a\0b"]}, "null"),
+        ({"argv": []}, "empty"),
+        ({"argv": ["str"]}, "bytes"),
+        ({"env": [b"A=\0"]}, "null"),
+        # a low fd would be overwritten by the dup of another one
+        ({"stdout": 1}, "3 or above"),
+        # without its cgroup.procs the child would be in no cgroup at all, were clone3 refused
+        ({"cgroup": (5, -1)}, "cgroup"),
+        ({"join": [-1]}, "descriptor"),
+        # -1 would mean "leave unchanged" and 2**32 would wrap to root: refused, never root
+        ({"user": (-1, 0, [])}, "uid"),
+        ({"user": (2**32, 0, [])}, "uid"),
+        ({"user": (4294967295, 0, [])}, "uid"),
+        ({"user": (65534, 2**32, [])}, "gid"),
+        ({"user": (65534, 65534, [-1])}, "groups"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(
+    spawned: Spawned, tmp_path: Path, change: dict[str, Any], error: str
+) -> None:
+    marker = tmp_path / "ran"
+    arguments: dict[str, Any] = {
+        "argv": [b"/usr/bin/touch", str(marker).encode()],
+        "env": [],
+        "stdout": spawned.devnull,
+        "cgroup": None,
+        "join": [],
+        "user": None,
+    } | change
+    argv = arguments["argv"]
+    with pytest.raises((ValueError, TypeError), match=error):
+        _spawn.spawn(
+            argv[0] if argv and isinstance(argv[0], bytes) else b"/usr/bin/touch",
+            argv,
+            arguments["env"],
+            b"/",
+            spawned.devnull,
+            arguments["stdout"],
+            spawned.devnull,
+            arguments["cgroup"],
+            arguments["join"],
+            arguments["user"],
+        )
+    assert not marker.exists()
+
+
+def test_a_failed_cgroup_join_runs_nothing(spawned: Spawned, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    # a cgroup.procs that refuses the write stands for a cgroup that is gone or full
+    refusing = os.open("/proc/self/comm", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OSError, match=r"\] cgroup: ") as raised:
+            spawned.run(["/usr/bin/touch", str(marker)], join=[refusing])
+    finally:
+        os.close(refusing)
+    assert (raised.value.strerror or "").startswith("cgroup: ")
+    assert not marker.exists()
+
+
+CLOSED_STDIO = """
+import os, sys
+from cmdgate.agent import _spawn
+for fd in (0, 1, 2):
+    os.close(fd)
+report = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)  # lands on 0
+high = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]       # 1, 2, 3
+out_r, out_w = os.pipe2(os.O_CLOEXEC)
+ls = [b"/bin/ls", b"/proc/self/fd"]
+pid = _spawn.spawn(ls[0], ls, [], b"/", high[2], out_w, out_w, None, [], None)
+os.close(out_w)
+listing = b""
+while chunk := os.read(out_r, 4096):
+    listing += chunk
+os.waitpid(pid, 0)
+try:
+    _spawn.spawn(b"/nonexistent", [b"x"], [], b"/", high[2], high[2], high[2], None, [], None)
+    failed = "no error"
+except FileNotFoundError:
+    failed = "FileNotFoundError"
+os.write(report, repr((sorted(listing.split()), failed)).encode())
+"""
+
+
+def test_closed_stdio_of_the_agent_changes_nothing(tmp_path: Path) -> None:
+    """With the agent's fds 0 to 2 closed, its own pipes land there; the child still gets
+    exactly 0, 1 and 2, and a failed start is still an error."""
+    result = tmp_path / "result"
+    subprocess.run(
+        [sys.executable, "-c", CLOSED_STDIO, str(result)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=30,
+    )
+    listing, failed = ast.literal_eval(result.read_text())
+    assert listing == [b"0", b"1", b"2", b"3"]  # 3: ls's own listing of the folder
+    assert failed == "FileNotFoundError"
 
 
 @pytest.fixture
@@ -242,3 +347,67 @@ def test_a_call_cancelled_during_the_spawn_leaves_no_process(delay: float) -> No
     left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == argv]
     assert left == []
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+class SlowSpawn(ProcessRun):
+    """A run whose spawn thread takes its time, so that cancels land during it."""
+
+    entered = threading.Event()
+    done = threading.Event()
+
+    def _spawn(self) -> Any:
+        self.entered.set()
+        try:
+            time.sleep(0.3)
+            return super()._spawn()
+        finally:
+            self.done.set()
+
+
+def test_cancelled_twice_during_the_spawn_leaves_no_process() -> None:
+    """The call ends (one cancel), then the agent stops (another) while the spawn thread
+    is still at work: the child it starts must still be killed and reaped."""
+    argv = ["/bin/sleep", "986.5"]
+
+    async def cancel_twice() -> None:
+        SlowSpawn.entered.clear()
+        SlowSpawn.done.clear()
+        run = SlowSpawn(argv, {}, "/", timeout_seconds=60, max_output_bytes=1024)
+        task = asyncio.ensure_future(run.start())
+        await asyncio.get_running_loop().run_in_executor(None, SlowSpawn.entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    asyncio.run(cancel_twice())
+    assert SlowSpawn.done.wait(10)
+    time.sleep(0.1)  # what a leak would look like has had time to show
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == argv]
+    assert left == []
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_process_hidden_in_a_cgroup_below_the_runs_is_killed(
+    fresh_agent: Agent, tmp_path: Path
+) -> None:
+    """cgroup.procs does not list a cgroup a command made below its run's: the run still
+    counts as populated, is killed whole, and its cgroups are removed."""
+    cgroups = fresh_agent.thread.running.service.cgroups
+    if cgroups is None:
+        pytest.skip("no writable cgroup v2 here")
+    pid_file = tmp_path / "pid"
+    # (other agents of this test process share the folder)
+    before = set(cgroups.runs.glob("*/hidden"))
+    with fresh_agent.client() as client:
+        result = client.run("probe", {"mode": "hide", "arg": str(pid_file)})
+    assert result.exit_code == 0, result
+    hidden = int(pid_file.read_text())
+    try:
+        assert wait_until(lambda: not pid_alive(hidden), timeout=10)
+        assert wait_until(lambda: set(cgroups.runs.glob("*/hidden")) <= before, timeout=10)
+    finally:
+        if pid_alive(hidden):
+            os.kill(hidden, signal.SIGKILL)
