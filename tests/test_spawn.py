@@ -27,7 +27,8 @@ import pytest
 from cmdgate.agent import _spawn
 from cmdgate.agent.cgroups import RUNS_FOLDER, RunCgroups
 from cmdgate.agent.lab import LabPaths
-from cmdgate.agent.runner import ProcessRun
+from cmdgate.agent.runner import ProcessRun, RunOutcome
+from cmdgate.agent.templates import Limits
 from tests.support import Agent, Keys, pid_alive, start_test_agent, wait_until
 
 # The child reports what it was given, as JSON on stdout.
@@ -278,20 +279,23 @@ def own_cgroups(pid_output: bytes) -> dict[str, str]:
     return {line.split(":", 2)[1]: line.split(":", 2)[2] for line in lines}
 
 
-def test_the_child_is_born_in_its_cgroup(spawned: Spawned, cgroups: RunCgroups) -> None:
+@pytest.mark.parametrize("way", ["born inside (clone3)", "joins itself (vfork)"])
+def test_the_child_is_in_its_cgroup_before_it_runs(
+    spawned: Spawned, cgroups: RunCgroups, way: str
+) -> None:
     cgroup = cgroups.create(f"test-spawn-{os.getpid()}")
-    opened = [
-        os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
-        os.open(cgroup.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC),
-    ]
-    opened += [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.v1_procs_files()]
+    directory = os.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    procs = os.open(cgroup.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    v1 = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.v1_procs_files()]
     try:
         # cat's first read is of its own cgroups: it ran nothing before it was inside
-        code, out = spawned.run(
-            ["/bin/cat", "/proc/self/cgroup"], cgroup=(opened[0], opened[1]), join=opened[2:]
-        )
+        argv = ["/bin/cat", "/proc/self/cgroup"]
+        if way.startswith("born"):
+            code, out = spawned.run(argv, cgroup=(directory, procs), join=v1)
+        else:
+            code, out = spawned.run(argv, join=[procs, *v1])
     finally:
-        for fd in opened:
+        for fd in (directory, procs, *v1):
             os.close(fd)
     assert code == 0
     where = own_cgroups(out)
@@ -299,6 +303,40 @@ def test_the_child_is_born_in_its_cgroup(spawned: Spawned, cgroups: RunCgroups) 
     if cgroup.pids_v1 is not None:
         assert where["pids"].endswith(f"/{RUNS_FOLDER}/{cgroup.pids_v1.name}")
     cgroup.remove()
+
+
+@pytest.mark.parametrize("born_inside", [True, False])
+def test_a_run_is_limited_and_contained_either_way(
+    cgroups: RunCgroups, tmp_path: Path, born_inside: bool
+) -> None:
+    """The runner's two ways into a cgroup (the start-up probe picks one): the command is
+    in its run's cgroup, under its pids limit, and nothing of it is left afterwards."""
+    cgroups.born_inside = born_inside
+    script = "cat /proc/self/cgroup; for i in 1 2 3 4 5 6; do sleep 5 & done; wait"
+
+    async def run_once() -> tuple[bytes, RunOutcome | None]:
+        cgroup = cgroups.create(f"test-run-{os.getpid()}-{born_inside}")
+        run = ProcessRun(
+            ["/bin/sh", "-c", script],
+            {"PATH": "/usr/bin:/bin"},
+            "/",
+            timeout_seconds=3,
+            max_output_bytes=65536,
+            cgroup=cgroup,
+            limits=Limits(pids=4),
+        )
+        await run.start()
+        out = b"".join([chunk async for _, chunk in run.output()])
+        return out, run.outcome
+
+    out, outcome = asyncio.run(run_once())
+    assert outcome is not None
+    where = own_cgroups(b"\n".join(line for line in out.splitlines() if line[:1].isdigit()))
+    assert where[""].endswith(f"/{RUNS_FOLDER}/test-run-{os.getpid()}-{born_inside}")
+    # the shell and at most three sleepers: the fourth fork was refused
+    assert b"fork" in out.lower() or b"resource" in out.lower(), out
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "5"]]
+    assert left == []
 
 
 @pytest.fixture
