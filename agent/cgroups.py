@@ -70,6 +70,16 @@ def _own_cgroup(hierarchy: str) -> str | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
@@ -131,7 +141,38 @@ class RunCgroups:
             "; pids via cgroup v1" if pids_v1 else "",
             "; children are born in it" if born_inside else "; children join it themselves",
         )
-        return cls(home, runs, controllers, pids_v1, born_inside)
+        manager = cls(home, runs, controllers, pids_v1, born_inside)
+        manager.sweep_orphans()
+        return manager
+
+    def sweep_orphans(self) -> None:
+        """Kill and remove the runs' cgroups of an agent that is gone (killed outside a
+        service manager, which would have cleaned up): nothing of its runs outlives it.
+
+        Each cgroup is named after the agent that made it (``<pid>-<run id>``); a pid
+        still alive is left alone, even if it is not an agent any more."""
+        folders = [self.runs] + ([self.pids_v1[1]] if self.pids_v1 else [])
+        gone: dict[Path, RunCgroup] = {}
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                for entry in folder.iterdir():
+                    pid, dash, _ = entry.name.partition("-")
+                    if entry.is_dir() and dash and pid.isdigit() and not _alive(int(pid)):
+                        gone.setdefault(
+                            Path(entry.name), RunCgroup(self, self.runs / entry.name, None)
+                        )
+        if not gone:
+            return
+        for name, cgroup in gone.items():
+            if self.pids_v1 is not None and (self.pids_v1[1] / name).is_dir():
+                cgroup.pids_v1 = self.pids_v1[1] / name
+            if cgroup.path.is_dir():
+                cgroup.kill()
+            cgroup.remove()
+        log.warning(
+            "removed %d cgroup(s) of runs of an agent that is gone, killing what was left in them",
+            len(gone),
+        )
 
     @staticmethod
     def _born_inside_works(runs: Path) -> bool:
@@ -230,6 +271,7 @@ class RunCgroups:
         earlier run left empty, or a new one."""
         if self._spares:
             return self._spares.pop()
+        name = f"{os.getpid()}-{name}"  # whose it is, for the sweep after a crash
         path = self.runs / name
         path.mkdir()
         pids_path = None

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from cmdgate.agent import _spawn
-from cmdgate.agent.cgroups import RUNS_FOLDER, RunCgroups
+from cmdgate.agent.cgroups import RUNS_FOLDER, RunCgroup, RunCgroups
 from cmdgate.agent.lab import LabPaths
 from cmdgate.agent.runner import ProcessRun, RunOutcome
 from cmdgate.agent.templates import Limits
@@ -314,8 +314,11 @@ def test_a_run_is_limited_and_contained_either_way(
     cgroups.born_inside = born_inside
     script = "cat /proc/self/cgroup; for i in 1 2 3 4 5 6; do sleep 5 & done; wait"
 
+    made: list[RunCgroup] = []
+
     async def run_once() -> tuple[bytes, RunOutcome | None]:
-        cgroup = cgroups.create(f"test-run-{os.getpid()}-{born_inside}")
+        cgroup = cgroups.create(f"test-run-{born_inside}")
+        made.append(cgroup)
         run = ProcessRun(
             ["/bin/sh", "-c", script],
             {"PATH": "/usr/bin:/bin"},
@@ -332,7 +335,7 @@ def test_a_run_is_limited_and_contained_either_way(
     out, outcome = asyncio.run(run_once())
     assert outcome is not None
     where = own_cgroups(b"\n".join(line for line in out.splitlines() if line[:1].isdigit()))
-    assert where[""].endswith(f"/{RUNS_FOLDER}/test-run-{os.getpid()}-{born_inside}")
+    assert where[""].endswith(f"/{RUNS_FOLDER}/{made[0].path.name}")
     # the shell and at most three sleepers: the fourth fork was refused
     assert b"fork" in out.lower() or b"resource" in out.lower(), out
     left = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "5"]]
@@ -449,3 +452,43 @@ def test_a_process_hidden_in_a_cgroup_below_the_runs_is_killed(
     finally:
         if pid_alive(hidden):
             os.kill(hidden, signal.SIGKILL)
+
+
+def test_runs_of_an_agent_that_is_gone_are_killed_and_removed_at_start(
+    cgroups: RunCgroups, spawned: Spawned
+) -> None:
+    """An agent killed outside a service manager leaves its runs' cgroups, and whatever
+    escaped into them: the next agent to start kills and removes them, and leaves those of
+    agents still alive alone."""
+    dead = _reaped_pid()
+    orphan = cgroups.runs / f"{dead}-leftover"
+    alive = cgroups.runs / f"{os.getppid()}-someone-elses"
+    orphan.mkdir()
+    alive.mkdir()
+    procs = os.open(orphan / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        pid = _spawn.spawn(
+            b"/bin/sleep", [b"/bin/sleep", b"985.5"], [], b"/",
+            spawned.devnull, spawned.devnull, spawned.devnull, None, [procs], None,
+        )  # fmt: skip
+    finally:
+        os.close(procs)
+    try:
+        started = RunCgroups.probe()
+        assert started is not None
+        started.close()
+        assert wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout=10)
+        assert not orphan.exists()
+        assert alive.exists()
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        alive.rmdir()
+
+
+def _reaped_pid() -> int:
+    """The pid of a child that has exited and been reaped."""
+    child = subprocess.Popen(["/bin/true"])
+    child.wait()
+    return child.pid
