@@ -7,12 +7,10 @@ raise typed exceptions; a command's non-zero exit is a result, not an error
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -174,7 +172,8 @@ class CommandInfo:
 def _read_pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
-    return Path(value).read_bytes()
+    with open(value, "rb") as f:
+        return f.read()
 
 
 class Client:
@@ -319,6 +318,8 @@ class Client:
     ) -> Iterator[dict[str, Any]]:
         """The agent's own audit records matching ``wanted``, oldest first (the newest
         ``limit``). Needs a token whose audit claim is true."""
+        import json
+
         from cmdgate.shared.auditlog import AuditFilter
 
         wanted = wanted or AuditFilter()

@@ -10,22 +10,19 @@ and 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import datetime
-import json
 import math
 import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cmdgate.client.api import Client, ClientError, Exited, RunEvent
 
 EXIT_TIMED_OUT = 124
@@ -277,7 +274,11 @@ def _read_token(args: argparse.Namespace) -> str:
     if args.token_file:
         try:
             path = args.token_file
-            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+            if path == "-":
+                text = sys.stdin.read()
+            else:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read token file {args.token_file}: {e}") from None
     else:
@@ -364,6 +365,8 @@ class _Printer:
             self._partial[stream] = b""
 
     def _json(self, event: RunEvent) -> None:
+        import base64
+
         from cmdgate.client.api import Exited, Output, Started
 
         record: dict[str, Any] = {"host": self.host}
@@ -378,6 +381,8 @@ class _Printer:
         self.json_line(record)
 
     def json_line(self, record: dict[str, Any]) -> None:
+        import json
+
         with self.lock:
             sys.stdout.write(json.dumps(record) + "\n")
             sys.stdout.flush()
@@ -482,6 +487,8 @@ def _run(args: argparse.Namespace) -> int:
             ):
                 print(f"cmdgate: {targets[0]}: {_describe(outcome)}", file=sys.stderr)
             return exit_code_for(outcome)
+        from concurrent.futures import ThreadPoolExecutor
+
         pool = ThreadPoolExecutor(max_workers=min(64, len(targets)))
         try:
             futures = [
@@ -508,6 +515,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    import json
+
     from cmdgate.client.api import ClientError
 
     token = _read_token(args)
@@ -554,6 +563,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cmdgate.shared.keys import KeyFileError, keygen
 
     try:
@@ -568,6 +579,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _mint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cmdgate.shared.keys import KeyFileError, load_private_key, mint_token, parse_duration
 
     commands = [c.strip() for c in args.cmds.split(",")]
@@ -614,6 +627,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _existing_files(names: Sequence[str]) -> list[Path]:
+    from pathlib import Path
+
     paths = [Path(n) for n in names]
     for path in paths:
         if not path.is_file():
@@ -622,6 +637,9 @@ def _existing_files(names: Sequence[str]) -> list[Path]:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
+    import datetime
+    from pathlib import Path
+
     from cmdgate.client.audit import verify_logs
     from cmdgate.shared.auditlog import load_public_key, normalise_time
 
@@ -669,6 +687,8 @@ def _audit_filter(args: argparse.Namespace) -> Any:
 
 
 def _audit_query(args: argparse.Namespace) -> int:
+    import json
+
     from cmdgate.client.audit import TABLE_COLUMNS, format_table, table_row
 
     if args.limit < 0:
@@ -703,6 +723,8 @@ def _remote_audit(
     args: argparse.Namespace, wanted: Any
 ) -> tuple[list[tuple[str | None, dict[str, Any]]], int]:
     """Ask every target at once, merge the records by time; a failed host makes the exit 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from cmdgate.client.api import ClientError
 
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
@@ -734,6 +756,8 @@ def _remote_audit(
 
 
 def _audit_summary(args: argparse.Namespace) -> int:
+    import json
+
     from cmdgate.client.audit import chain_order, format_table, summarise
     from cmdgate.shared.auditlog import read_records
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 DEFAULT_PORT = 7443
@@ -59,6 +58,8 @@ def is_loopback(host: str) -> bool:
     """True for ``localhost`` and for loopback IP literals (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
+    import ipaddress  # here: every `cmdgate run` imports this module, few call this
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
