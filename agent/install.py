@@ -81,6 +81,15 @@ class _Step:
     change: Callable[[], None] | None = None
 
 
+def _daemon_reload() -> _Step:
+    return _Step(
+        "systemd's view of the units (systemctl daemon-reload)",
+        "reload",
+        "reloaded",
+        functools.partial(_run, "daemon-reload"),
+    )
+
+
 def install(root: Path, dry_run: bool) -> int:
     """Install the units and a starter config below ``root``, and start the service if
     ``root`` is / under a running systemd. Returns the exit code."""
@@ -514,14 +523,7 @@ def _plan_systemd_start(root: Path, system: bool, changed_units: Sequence[str]) 
         for name in UNITS
     )
     if changed_units or stale:
-        steps.append(
-            _Step(
-                "systemd's view of the units (systemctl daemon-reload)",
-                "reload",
-                "reloaded",
-                functools.partial(_run, "daemon-reload"),
-            )
-        )
+        steps.append(_daemon_reload())
     else:
         steps.append(_Step("no unit changed: no daemon-reload needed"))
     enabled, active = _unit_state(UNIT)
@@ -596,14 +598,7 @@ def _plan_uninstall(root: Path, dry_run: bool) -> list[_Step]:
         if drop_ins.is_dir():
             steps.append(_Step(f"kept {drop_ins} (drop-ins are yours)"))
     if removed and why_not is None:
-        steps.append(
-            _Step(
-                "systemd's view of the units (systemctl daemon-reload)",
-                "reload",
-                "reloaded",
-                functools.partial(_run, "daemon-reload"),
-            )
-        )
+        steps.append(_daemon_reload())
     kept = [
         str(_below(root, path))
         for path in (

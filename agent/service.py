@@ -12,12 +12,10 @@ the category; the reason code and the detail go to the audit record.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import hmac
 import json
 import logging
@@ -28,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from grpc import aio
 
 from cmdgate.agent.audit import AuditLog
@@ -69,6 +65,7 @@ from cmdgate.agent.tokens import (
     token_fingerprint,
 )
 from cmdgate.shared.auditlog import AuditFilter, log_files, normalise_time, read_records
+from cmdgate.shared.keys import certificate_sha256, thumbprint
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("cmdgate.agent")
@@ -556,18 +553,16 @@ def _check_binding(claims: VerifiedClaims, cert_sha256: str | None, required: bo
         if required:
             raise AuthenticationFailed("TOKEN_NOT_BOUND", "require_cnf is on and there is no cnf")
         return
-    thumbprint = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
-    if not isinstance(thumbprint, str):
+    bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    if not isinstance(bound, str):
         raise AuthenticationFailed("CNF_UNSUPPORTED", f"cnf {str(cnf)[:128]} has no x5t#S256")
     if cert_sha256 is None or cert_sha256 == "unparseable":
         raise AuthenticationFailed(
             "CNF_CERT_MISSING", "the token is bound; the connection presents no client certificate"
         )
-    presented = base64.urlsafe_b64encode(bytes.fromhex(cert_sha256)).rstrip(b"=").decode()
-    if not hmac.compare_digest(presented, thumbprint):
-        raise AuthenticationFailed(
-            "CNF_MISMATCH", f"bound to {thumbprint[:64]}, presented {presented}"
-        )
+    presented = thumbprint(bytes.fromhex(cert_sha256))
+    if not hmac.compare_digest(presented, bound):
+        raise AuthenticationFailed("CNF_MISMATCH", f"bound to {bound[:64]}, presented {presented}")
 
 
 def _peer_certificate_sha256(context: aio.ServicerContext[Any, Any]) -> str | None:
@@ -583,9 +578,8 @@ def _peer_certificate_sha256(context: aio.ServicerContext[Any, Any]) -> str | No
 
 @functools.lru_cache(maxsize=1024)
 def _certificate_sha256(pem: bytes) -> str:
-    """SHA-256 of the DER certificate, as RFC 8705's x5t#S256 hashes it."""
-    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
-    return hashlib.sha256(der).hexdigest()
+    """The hex SHA-256 of a client certificate, as the audit names it (parsed once)."""
+    return certificate_sha256(pem).hex()
 
 
 def _exited_event(outcome: RunOutcome) -> agent_pb2.Exited:

@@ -365,7 +365,12 @@ class Client:
     def _convert(self, event: agent_pb2.RunEvent) -> RunEvent:
         kind = event.WhichOneof("event")
         if kind == "output":
-            return Output(_STREAM_LABELS[event.output.stream], event.output.data)
+            label = _STREAM_LABELS.get(event.output.stream)
+            if label is None:
+                raise ClientError(
+                    self.target, "INTERNAL", f"unknown stream {event.output.stream} from the agent"
+                )
+            return Output(label, event.output.data)
         if kind == "started":
             s = event.started
             return Started(s.run_id, s.timeout_seconds, s.max_output_bytes)

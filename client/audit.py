@@ -19,7 +19,7 @@ from cmdgate.shared.auditlog import (
     CHECKPOINT_EVENT,
     GENESIS,
     checkpoint_signature_valid,
-    first_record,
+    first_seq,
     key_id,
     parse_line,
     record_hash,
@@ -64,13 +64,8 @@ def _lines(paths: Sequence[Path]) -> Iterator[_Line]:
 
 
 def chain_order(paths: Iterable[Path]) -> list[Path]:
-    """Files sorted by the seq of their first record, so logrotate's names need no thought."""
-
-    def first_seq(path: Path) -> int:
-        record = first_record(path)
-        seq = record.get("seq") if record else None
-        return seq if isinstance(seq, int) else 0
-
+    """Files sorted by the seq of their first record, so logrotate's names need no thought
+    (as the agent orders them)."""
     return sorted(paths, key=first_seq)
 
 

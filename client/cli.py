@@ -16,14 +16,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from cmdgate.client.api import Client, ClientError, Exited, RunEvent
+
+T = TypeVar("T")
 
 EXIT_TIMED_OUT = 124
 EXIT_SIGNAL_BASE = 128
@@ -436,6 +438,7 @@ def _run_one(
             if isinstance(event, Exited):
                 printer.finish()
                 return event
+        raise ClientError(printer.host, "INTERNAL", "the stream ended without an exit event")
     except ClientError as e:
         printer.finish()
         if args.json:
@@ -444,9 +447,6 @@ def _run_one(
             )
         _error_line(printer.host, e)
         return e
-    error = ClientError(printer.host, "INTERNAL", "the stream ended without an exit event")
-    _error_line(printer.host, error)
-    return error
 
 
 def _describe(outcome: Exited) -> str:
@@ -469,11 +469,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise UsageError("--timeout must be a positive number of seconds")
     params = _parse_params(args.params)
-    targets = [t.strip() for t in args.target.split(",")]
-    if not all(targets):
-        raise UsageError(f"empty name in target list {args.target!r}")
-    if len(set(targets)) != len(targets):
-        raise UsageError(f"a target is named twice in {args.target!r}")
+    targets = _target_list(args.target)
     token = _read_token(args)
     clients = [_client(args, target, token) for target in targets]
     lock = threading.Lock()
@@ -487,22 +483,9 @@ def _run(args: argparse.Namespace) -> int:
             ):
                 print(f"cmdgate: {targets[0]}: {_describe(outcome)}", file=sys.stderr)
             return exit_code_for(outcome)
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=min(64, len(targets)))
-        try:
-            futures = [
-                pool.submit(_run_one, clients[i], args, params, printers[i])
-                for i in range(len(targets))
-            ]
-            outcomes = [future.result() for future in futures]
-        except KeyboardInterrupt:
-            # closing the channels cancels every call, and each agent kills its command
-            for client in clients:
-                client.close()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+        outcomes = _each_target(
+            len(targets), lambda i: _run_one(clients[i], args, params, printers[i])
+        )
     finally:
         for client in clients:
             client.close()
@@ -512,6 +495,30 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cmdgate: {target:<{width}}  {summary}", file=sys.stderr)
     ok = all(isinstance(o, Exited) and exit_code_for(o) == 0 for o in outcomes)
     return 0 if ok else 1
+
+
+def _target_list(text: str) -> list[str]:
+    """``a,b,c`` as a list of names, each once; UsageError for an empty or repeated name."""
+    targets = [t.strip() for t in text.split(",")]
+    if not all(targets):
+        raise UsageError(f"empty name in target list {text!r}")
+    if len(set(targets)) != len(targets):
+        raise UsageError(f"a target is named twice in {text!r}")
+    return targets
+
+
+def _each_target(count: int, work: Callable[[int], T]) -> list[T]:
+    """``work(i)`` for every target at once, in order. On Ctrl-C the caller's ``finally``
+    closes the channels, which cancels every call (each agent kills its command): the
+    threads are not waited for first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=min(64, count))
+    try:
+        futures = [pool.submit(work, i) for i in range(count)]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -641,6 +648,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cmdgate.client.audit import verify_logs
+    from cmdgate.client.terminal import escape_controls
     from cmdgate.shared.auditlog import load_public_key, normalise_time
 
     paths = _existing_files(args.files)
@@ -657,10 +665,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     report = verify_logs(paths, public_key, now, partial=args.partial)
+    # the messages quote the log, which is what is being checked: untrusted text
     for note in report.notes:
-        print(f"cmdgate: note: {note}", file=sys.stderr)
+        print(f"cmdgate: note: {escape_controls(note)}", file=sys.stderr)
     if not report.ok:
-        print(f"cmdgate: audit verify: {report.problem}", file=sys.stderr)
+        print(f"cmdgate: audit verify: {escape_controls(report.problem or '')}", file=sys.stderr)
         return 1
     signed = (
         "checkpoint signatures verified"
@@ -723,11 +732,9 @@ def _remote_audit(
     args: argparse.Namespace, wanted: Any
 ) -> tuple[list[tuple[str | None, dict[str, Any]]], int]:
     """Ask every target at once, merge the records by time; a failed host makes the exit 1."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from cmdgate.client.api import ClientError
 
-    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    targets = _target_list(args.target)
     token = _read_token(args)
     clients = [_client(args, target, token) for target in targets]
 
@@ -739,8 +746,7 @@ def _remote_audit(
             return e
 
     try:
-        with ThreadPoolExecutor(max_workers=min(64, len(targets))) as pool:
-            answers = list(pool.map(ask, range(len(targets))))
+        answers = _each_target(len(targets), ask)
     finally:
         for client in clients:
             client.close()

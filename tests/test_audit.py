@@ -253,6 +253,26 @@ def test_a_wrong_key_fails(agent: Agent, written_log: Path, tmp_path: Path) -> N
     assert done.returncode == 1 and "another key" in done.stderr
 
 
+def test_what_verify_quotes_from_a_log_is_escaped_on_the_way_out(
+    agent: Agent, written_log: Path, tmp_path: Path
+) -> None:
+    """The log under check is untrusted text: a value it holds reaches the terminal with
+    its control characters escaped (OSC 52 would write the operator's clipboard)."""
+    hostile = "\x1b]52;c;cm0gLXJmIH4=\x07"
+
+    def forge(lines: list[bytes]) -> list[bytes]:
+        checkpoint = json.loads(lines[-1])
+        checkpoint["key_id"] = hostile
+        checkpoint["hash"] = record_hash(checkpoint)  # a consistent chain: only the key is off
+        return [*lines[:-1], json.dumps(checkpoint).encode() + b"\n"]
+
+    done = verify(agent, tampered(tmp_path, written_log, forge))
+    assert done.returncode == 1
+    assert "checkpoint by another key" in done.stderr
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr
+    assert "\\x1b]52;c;cm0gLXJmIH4=\\x07" in done.stderr
+
+
 def test_secret_parameters_never_reach_the_log(agent: Agent) -> None:
     password = "Sup3rSecretValue"
     with agent.client(agent.token(["login"])) as client:
@@ -344,6 +364,21 @@ def test_audit_query_needs_its_own_claim(agent: Agent) -> None:
         "allowed",
         "alice",
     )
+
+
+@pytest.mark.parametrize(("targets", "message"), [(",", "empty name"), ("a,a", "named twice")])
+def test_a_bad_target_list_for_query_is_a_usage_error(targets: str, message: str) -> None:
+    done = subprocess.run(
+        [str(CMDGATE), "audit", "query", "--target", targets, "--insecure"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CMDGATE_TOKEN": "x"},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 64
+    assert done.stderr.startswith("cmdgate: ") and message in done.stderr
+    assert len(done.stderr.splitlines()) == 1  # no traceback
 
 
 def test_audit_claim_must_be_exactly_true(agent: Agent) -> None:

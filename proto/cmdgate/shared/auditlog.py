@@ -141,12 +141,14 @@ def log_files(path: Path) -> list[Path]:
     if path.is_file():
         candidates.append(path)
 
-    def first_seq(p: Path) -> int:
-        record = first_record(p)
-        seq = record.get("seq") if record else None
-        return seq if isinstance(seq, int) else sys.maxsize
-
     return sorted(candidates, key=lambda p: (first_seq(p), p == path))
+
+
+def first_seq(path: Path) -> int:
+    """The seq of a file's first record; a file without one sorts after every other."""
+    record = first_record(path)
+    seq = record.get("seq") if record else None
+    return seq if isinstance(seq, int) else sys.maxsize
 
 
 def read_records(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:

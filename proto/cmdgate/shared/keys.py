@@ -170,12 +170,22 @@ def keygen(out_dir: Path, alg: str = "EdDSA", kid: str | None = None) -> tuple[P
     return key_path, jwks_path, str(jwk["kid"])
 
 
-def certificate_thumbprint(pem: bytes) -> str:
-    """RFC 8705 ``x5t#S256``: base64url SHA-256 of the DER certificate."""
+def certificate_sha256(pem: bytes) -> bytes:
+    """SHA-256 of the DER form of a PEM certificate; ValueError if it is not one."""
     from cryptography import x509
 
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    return hashlib.sha256(der).digest()
+
+
+def thumbprint(sha256: bytes) -> str:
+    """RFC 8705 ``x5t#S256`` of a certificate, from its ``certificate_sha256``."""
+    return base64.urlsafe_b64encode(sha256).rstrip(b"=").decode()
+
+
+def certificate_thumbprint(pem: bytes) -> str:
+    """RFC 8705 ``x5t#S256``: base64url SHA-256 of the DER certificate."""
+    return thumbprint(certificate_sha256(pem))
 
 
 def parse_duration(text: str) -> int:
