@@ -70,14 +70,26 @@ def _own_cgroup(hierarchy: str) -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def _process_tag(pid: int) -> str | None:
+    """``<pid>.<start time in clock ticks>``, which no later process shares; None if gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the fields after the command name, which may hold spaces and parentheses
+    return f"{pid}.{stat.rpartition(')')[2].split()[19]}"
+
+
+_AGENT_TAG = _process_tag(os.getpid()) or f"{os.getpid()}.0"
+
+
+def _maker_is_gone(name: str) -> bool:
+    """Whether a run cgroup's name says the agent that made it no longer runs."""
+    tag, dash, _ = name.partition("-")
+    pid, dot, started = tag.partition(".")
+    if not (dash and dot and pid.isdigit() and started.isdigit()):
+        return False  # not a run's cgroup (a probe's, say)
+    return _process_tag(int(pid)) != tag
 
 
 def _write(path: Path, value: str) -> None:
@@ -149,30 +161,29 @@ class RunCgroups:
         """Kill and remove the runs' cgroups of an agent that is gone (killed outside a
         service manager, which would have cleaned up): nothing of its runs outlives it.
 
-        Each cgroup is named after the agent that made it (``<pid>-<run id>``); a pid
-        still alive is left alone, even if it is not an agent any more."""
+        Each cgroup is named after the agent that made it (``<pid>.<start time>-<run id>``,
+        so that an agent that is pid 1 in a container each time is told from the last);
+        one whose agent still runs is left alone."""
         folders = [self.runs] + ([self.pids_v1[1]] if self.pids_v1 else [])
-        gone: dict[Path, RunCgroup] = {}
+        names = set()
         for folder in folders:
             with contextlib.suppress(OSError):
-                for entry in folder.iterdir():
-                    pid, dash, _ = entry.name.partition("-")
-                    if entry.is_dir() and dash and pid.isdigit() and not _alive(int(pid)):
-                        gone.setdefault(
-                            Path(entry.name), RunCgroup(self, self.runs / entry.name, None)
-                        )
-        if not gone:
-            return
-        for name, cgroup in gone.items():
-            if self.pids_v1 is not None and (self.pids_v1[1] / name).is_dir():
-                cgroup.pids_v1 = self.pids_v1[1] / name
+                names |= {
+                    entry.name
+                    for entry in folder.iterdir()
+                    if entry.is_dir() and _maker_is_gone(entry.name)
+                }
+        for name in names:
+            v1 = self.pids_v1[1] / name if self.pids_v1 else None
+            cgroup = RunCgroup(self, self.runs / name, v1 if v1 and v1.is_dir() else None)
             if cgroup.path.is_dir():
                 cgroup.kill()
             cgroup.remove()
-        log.warning(
-            "removed %d cgroup(s) of runs of an agent that is gone, killing what was left in them",
-            len(gone),
-        )
+        if names:
+            log.warning(
+                "removed %d cgroup(s) of runs of an agent that is gone, and what was left in them",
+                len(names),
+            )
 
     @staticmethod
     def _born_inside_works(runs: Path) -> bool:
@@ -271,7 +282,7 @@ class RunCgroups:
         earlier run left empty, or a new one."""
         if self._spares:
             return self._spares.pop()
-        name = f"{os.getpid()}-{name}"  # whose it is, for the sweep after a crash
+        name = f"{_AGENT_TAG}-{name}"  # whose it is, for the sweep after a crash
         path = self.runs / name
         path.mkdir()
         pids_path = None
@@ -286,8 +297,12 @@ class RunCgroups:
         are spares enough, and it should be removed."""
         if cgroup.killed or len(self._spares) >= MAX_SPARE_CGROUPS or cgroup.populated():
             return False
-        if cgroup.pids_v1 is not None and (cgroup.pids_v1 / "cgroup.procs").read_text().strip():
-            return False
+        if cgroup.pids_v1 is not None:
+            try:
+                if (cgroup.pids_v1 / "cgroup.procs").read_text().strip():
+                    return False
+            except OSError:
+                return False  # cannot tell: not reused (its removal says why, if it fails)
         self._spares.append(cgroup)
         return True
 

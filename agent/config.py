@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 
 import jwt
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWTError
 
 from cmdgate.agent.errors import ConfigError, InvalidParameters
 from cmdgate.agent.revocation import parse_revocations
@@ -508,14 +508,14 @@ def parse_jwks(
         if entry.get("use", "sig") != "sig":
             continue
         alg = entry.get("alg") or _KEY_ALGORITHM_BY_CURVE.get(str(entry.get("crv")))
-        if alg is None:
-            raise ValueError(f"{at} (kid {kid!r}) needs an 'alg'")
+        if not isinstance(alg, str):
+            raise ValueError(f"{at} (kid {kid!r}) needs an 'alg' (a string)")
         if alg not in algorithms:
             # one algorithm per key: a key is only ever used with its own alg
             continue
         try:
             key = jwt.PyJWK(entry, algorithm=alg)
-        except PyJWKError as e:
+        except PyJWTError as e:  # PyJWKError, InvalidKeyError...: any key PyJWT will not take
             raise ValueError(f"{at} (kid {kid!r}): {e}") from None
         keys[kid] = VerificationKey(kid, alg, key)
     if not keys:

@@ -30,10 +30,31 @@ FETCH_TIMEOUT_SECONDS = 5.0
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
 
+class _SameRulesRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to where the configured URL itself could point: an https
+    origin redirecting to plain http would let anyone on the path supply the keys."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not fetchable_url(newurl):
+            raise ValueError(f"{req.full_url}: redirected to {newurl[:200]}, which is not https")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameRulesRedirects())
+
+
 def _fetch_json(url: str) -> Any:
     """GET ``url`` and parse JSON (blocking: run it on a worker thread)."""
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_SECONDS) as response:  # noqa: S310
+    with _OPENER.open(request, timeout=FETCH_TIMEOUT_SECONDS) as response:
         body = response.read(MAX_DOCUMENT_BYTES + 1)
     if len(body) > MAX_DOCUMENT_BYTES:
         raise ValueError(f"{url}: over {MAX_DOCUMENT_BYTES} bytes")
@@ -65,7 +86,7 @@ class RemoteKeys:
             self.fetches += 1
             try:
                 keys = await asyncio.get_running_loop().run_in_executor(None, self._fetch)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:  # (JSON nested too deep)
                 log.error(
                     "fetching the keys of %s failed, keeping %d known key(s): %s",
                     self.auth.issuer,

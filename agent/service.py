@@ -131,6 +131,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.sweeper = sweeper
         # single-use tokens: kept across reloads, made on first need
         self.replay_guard: ReplayGuard | None = None
+        self._replay_loading = asyncio.Lock()
         self._runs: set[ProcessRun] = set()
         # set while no run is admitted (spawned or about to be): what a stop waits for
         self._no_runs = asyncio.Event()
@@ -404,12 +405,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         auth = state.config.auth
         if auth.replay != "reject":
             return
-        if self.replay_guard is None:
-            path = state.config.server.state_dir / "seen-jti.jsonl"
-            self.replay_guard = await asyncio.get_running_loop().run_in_executor(
-                None, ReplayGuard, path
-            )
-        guard = self.replay_guard
+        guard = self.replay_guard or await self._load_replay_guard(state)
         until = claims.expires_at + auth.leeway_seconds
         guard.take(claims.jti, until)  # at once: a concurrent call with it is refused now
         assert claims.jti is not None
@@ -418,6 +414,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except OSError as e:
             guard.release(claims.jti)
             raise ReplayGuardUnavailable(f"{guard.path}: {e.strerror}") from None
+
+    async def _load_replay_guard(self, state: AgentState) -> ReplayGuard:
+        """The one guard, loaded by the first call that needs it: calls that arrive
+        meanwhile wait for it, rather than each loading a guard of its own (two guards
+        would each let the same jti through once)."""
+        async with self._replay_loading:
+            if self.replay_guard is None:
+                path = state.config.server.state_dir / "seen-jti.jsonl"
+                try:
+                    self.replay_guard = await asyncio.get_running_loop().run_in_executor(
+                        None, ReplayGuard, path
+                    )
+                except OSError as e:
+                    raise ReplayGuardUnavailable(f"{path}: {e.strerror}") from None
+            return self.replay_guard
 
     async def _write_allowed(
         self, context: aio.ServicerContext[Any, Any], event: str, record: dict[str, Any]

@@ -207,10 +207,13 @@ class TokenVerifier:
             if payload.get(name) is None:
                 raise AuthenticationFailed("TOKEN_CLAIM_MISSING", f"{name[:64]} is required")
         jti = payload.get("jti")
+        if jti is not None and (not isinstance(jti, str) or not jti):
+            # RFC 7519 4.1.7: a string; a number would slip past revocation and replay by jti
+            raise AuthenticationFailed("TOKEN_MALFORMED", "jti is not a string")
         return VerifiedClaims(
             subject,
             issuer,
-            jti if isinstance(jti, str) else None,
+            jti,
             exp,
             MappingProxyType(payload),
             cfg,

@@ -212,6 +212,15 @@ class Agent:
     def marker(self, name: str = "marker") -> Path:
         return self.marker_dir / name
 
+    def only_new_denial(self, before: int) -> dict[str, Any]:
+        """The one record written since the log held ``before`` records (checkpoints aside):
+        a ``run.denied``, with no ``run.started`` beside it; not an older record that
+        happens to carry the same reason."""
+        new = [r for r in self.audit()[before:] if r["event"] != "checkpoint"]
+        assert [r["event"] for r in new] == ["run.denied"], new
+        assert new[0]["decision"] == "denied", new
+        return new[0]
+
 
 def start_test_agent(
     lab: LabPaths,

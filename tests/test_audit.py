@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from cmdgate.agent.lab import LabPaths
-from cmdgate.client import AgentUnavailable, NotPermitted
+from cmdgate.client import AgentUnavailable, InvalidParameters, NotPermitted
 from cmdgate.client.audit import verify_logs
 from cmdgate.shared.auditlog import (
     AuditFilter,
@@ -379,6 +379,15 @@ def test_a_bad_target_list_for_query_is_a_usage_error(targets: str, message: str
     assert done.returncode == 64
     assert done.stderr.startswith("cmdgate: ") and message in done.stderr
     assert len(done.stderr.splitlines()) == 1  # no traceback
+
+
+@pytest.mark.parametrize("since", ["99999999999999d", "0001-01-01T00:00:00+01:00", "yesterday"])
+def test_a_query_time_out_of_range_is_invalid_and_recorded(agent: Agent, since: str) -> None:
+    token = agent.token(["nothing"], extra_claims={"cmdgate_audit": True}, subject="auditor")
+    with agent.client(token) as client, pytest.raises(InvalidParameters):
+        list(client.audit_query(AuditFilter(since=since)))
+    record = agent.last_audit("audit.query")
+    assert (record["decision"], record["reason"]) == ("denied", "QUERY_INVALID"), record
 
 
 def test_audit_claim_must_be_exactly_true(agent: Agent) -> None:

@@ -479,6 +479,22 @@ def test_a_missing_jwks_file_is_an_error(site: Site) -> None:
         pytest.param({"keys": []}, "has no signing key", id="empty"),
         pytest.param({}, "has no 'keys' list", id="no-keys-list"),
         pytest.param([], "has no 'keys' list", id="not-an-object"),
+        # keys PyJWT will not take: an error naming the key, not a traceback
+        pytest.param(
+            {"keys": [{"kid": "k", "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "x": "!!"}]},
+            "kid 'k'",
+            id="bad-coordinates",
+        ),
+        pytest.param(
+            {"keys": [{"kid": "k", "kty": "EC", "crv": "Ed25519", "alg": "EdDSA", "x": "AA"}]},
+            "kid 'k'",
+            id="wrong-kty-for-alg",
+        ),
+        pytest.param(
+            {"keys": [{"kid": "k", "kty": "OKP", "crv": "Ed25519", "alg": ["EdDSA"]}]},
+            "an 'alg' (a string)",
+            id="alg-not-a-string",
+        ),
     ],
 )
 def test_a_jwks_with_no_usable_key_is_an_error(site: Site, document: object, reason: str) -> None:

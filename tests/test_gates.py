@@ -41,12 +41,11 @@ def assert_denied(
 ) -> dict[str, Any]:
     """Run ``command`` with ``token``; assert the error, no marker, and the audit reason."""
     marker = _new_marker(agent)
+    before = len(agent.audit())
     with agent.client(token) as client, pytest.raises(error):
         client.run(command, {"file": str(marker)} if params is None else params)
     assert not marker.exists(), "a denied call ran its command"
-    record = agent.last_audit()
-    assert record["event"] == "run.denied"
-    assert record["decision"] == "denied"
+    record = agent.only_new_denial(before)
     assert record["reason"] == reason, record
     return record
 
@@ -492,6 +491,41 @@ def test_require_cnf_without_mutual_tls_is_a_config_error(
     )
     with pytest.raises(ConfigError, match=r"auth\.require_cnf: needs server\.client_ca"):
         load_config(config)
+
+
+def test_a_single_use_token_sent_many_times_at_once_runs_once(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The replay guard is loaded by the first call that needs it: calls arriving meanwhile
+    must share it, or each would let the same jti through once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    guarded = start_test_agent(
+        agent.lab,
+        agent.keys,
+        tmp_path_factory.mktemp("replay-race") / "agent",
+        auth_extra='replay = "reject"',
+    )
+    token = guarded.token()
+    markers = [guarded.marker(f"race-{i}") for i in range(8)]
+
+    def attempt(marker: Path) -> str:
+        with guarded.client(token) as client:
+            try:
+                return str(client.run("touch", {"file": str(marker)}).exit_code)
+            except NotAuthenticated:
+                return "refused"
+
+    try:
+        with ThreadPoolExecutor(len(markers)) as pool:
+            outcomes = list(pool.map(attempt, markers))
+        assert sorted(outcomes) == ["0"] + ["refused"] * (len(markers) - 1)
+        assert sum(m.exists() for m in markers) == 1
+        denied = [r for r in guarded.audit() if r["event"] == "run.denied"]
+        assert [r["reason"] for r in denied] == ["TOKEN_REPLAYED"] * (len(markers) - 1)
+        assert [r["event"] for r in guarded.audit()].count("run.started") == 1
+    finally:
+        guarded.thread.stop()
 
 
 def test_single_use_tokens_are_refused_the_second_time_even_after_a_restart(

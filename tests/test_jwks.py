@@ -6,6 +6,7 @@ The provider is a real HTTP server on loopback serving a JWKS that the test chan
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -210,3 +211,39 @@ def test_the_file_key_set_still_works(agent: Agent) -> None:
     with agent.client() as client:
         assert client.run("touch", {"file": str(agent.marker("file-keys"))}).exit_code == 0
     assert KID in agent.thread.config.auth.keys
+
+
+def test_a_redirect_to_plain_http_is_not_followed() -> None:
+    """https only holds for where a redirect leads too: a plain-http hop would let anyone
+    on the path supply the verification keys."""
+    from cmdgate.agent.jwks import _fetch_json
+
+    class Redirects(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/keys":
+                data = b'{"keys": []}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self.send_response(302)
+            # /away: a host that is not loopback, over http; /near: this same loopback server
+            where = "http://keys.example/keys" if self.path == "/away" else "/keys"
+            self.send_header("Location", where)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ValueError, match=re.escape("redirected to http://keys.example/")):
+            _fetch_json(base + "/away")
+        assert _fetch_json(base + "/near") == {"keys": []}
+    finally:
+        server.shutdown()
+        server.server_close()

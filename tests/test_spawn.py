@@ -460,11 +460,13 @@ def test_runs_of_an_agent_that_is_gone_are_killed_and_removed_at_start(
     """An agent killed outside a service manager leaves its runs' cgroups, and whatever
     escaped into them: the next agent to start kills and removes them, and leaves those of
     agents still alive alone."""
-    dead = _reaped_pid()
-    orphan = cgroups.runs / f"{dead}-leftover"
-    alive = cgroups.runs / f"{os.getppid()}-someone-elses"
-    orphan.mkdir()
-    alive.mkdir()
+    start_of = _start_time(os.getpid())
+    orphan = cgroups.runs / f"{_reaped_pid()}.{start_of}-leftover"
+    # an agent with this very pid, started earlier: pid 1 of a container, restarted
+    earlier = cgroups.runs / f"{os.getpid()}.{int(start_of) - 1}-same-pid-before"
+    alive = cgroups.runs / f"{os.getppid()}.{_start_time(os.getppid())}-someone-elses"
+    for folder in (orphan, earlier, alive):
+        folder.mkdir()
     procs = os.open(orphan / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
     try:
         pid = _spawn.spawn(
@@ -479,6 +481,7 @@ def test_runs_of_an_agent_that_is_gone_are_killed_and_removed_at_start(
         started.close()
         assert wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, timeout=10)
         assert not orphan.exists()
+        assert not earlier.exists()
         assert alive.exists()
     finally:
         with contextlib.suppress(ChildProcessError, ProcessLookupError):
@@ -492,3 +495,9 @@ def _reaped_pid() -> int:
     child = subprocess.Popen(["/bin/true"])
     child.wait()
     return child.pid
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time in clock ticks (/proc/PID/stat, field 22)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[19]

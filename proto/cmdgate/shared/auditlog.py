@@ -195,7 +195,10 @@ def normalise_time(text: str, now: datetime.datetime | None = None) -> str:
     match = re.fullmatch(r"([0-9]+)([smhd])", text)
     if match:
         seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        moment = now - datetime.timedelta(seconds=seconds)
+        try:
+            moment = now - datetime.timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"bad time {text!r}: further back than the calendar goes") from None
     else:
         try:
             moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -206,4 +209,8 @@ def normalise_time(text: str, now: datetime.datetime | None = None) -> str:
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        moment = moment.astimezone(datetime.UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00
+        raise ValueError(f"bad time {text!r}: outside the calendar in UTC") from None
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
