@@ -264,10 +264,13 @@ def test_no_token_is_a_usage_error_and_contacts_nobody(
 
 
 def test_garbage_token_is_unauthenticated(cli: Cli, agent: Agent) -> None:
-    done = cli.run("probe", "mode=argv", token="not.a.jwt")
+    marker = agent.marker("cli-garbage-token")
+    done = cli.run("touch", f"file={marker}", token="not.a.jwt")
     assert done.code == 77
     assert_one_error(done.stderr, agent.target, "UNAUTHENTICATED")
     assert done.stdout == b""
+    assert not marker.exists()
+    assert agent.last_audit()["reason"] == "TOKEN_MALFORMED"
 
 
 def test_command_not_in_token_is_denied_and_nothing_runs(cli: Cli, agent: Agent) -> None:

@@ -117,19 +117,23 @@ def _claims_case(agent: Agent, **overrides: Any) -> str:
     return sign(good_claims(**overrides), agent.keys.ed25519)
 
 
-NOW = int(time.time())
+def _now() -> int:
+    # read when a case runs, not when the module is collected: minutes may pass between
+    return int(time.time())
+
+
 TOKEN_CASES: dict[str, tuple[Callable[[Agent], str], str]] = {
     "garbage": (lambda a: "not-a-jwt", "TOKEN_MALFORMED"),
     "four segments": (lambda a: a.token() + ".x", "TOKEN_MALFORMED"),
     "oversize": (lambda a: _claims_case(a, pad="x" * 9000), "TOKEN_TOO_LARGE"),
-    "expired": (lambda a: _claims_case(a, iat=NOW - 600, exp=NOW - 120), "TOKEN_EXPIRED"),
+    "expired": (lambda a: _claims_case(a, iat=_now() - 600, exp=_now() - 120), "TOKEN_EXPIRED"),
     "no exp": (lambda a: _claims_case(a, exp=None), "TOKEN_CLAIM_MISSING"),
-    "nbf in future": (lambda a: _claims_case(a, nbf=NOW + 600), "TOKEN_NOT_YET_VALID"),
+    "nbf in future": (lambda a: _claims_case(a, nbf=_now() + 600), "TOKEN_NOT_YET_VALID"),
     "iat in future": (
-        lambda a: _claims_case(a, iat=NOW + 600, exp=NOW + 900),
+        lambda a: _claims_case(a, iat=_now() + 600, exp=_now() + 900),
         "TOKEN_ISSUED_IN_FUTURE",
     ),
-    "lifetime too long": (lambda a: _claims_case(a, exp=NOW + 7200), "TOKEN_LIFETIME_TOO_LONG"),
+    "lifetime too long": (lambda a: _claims_case(a, exp=_now() + 7200), "TOKEN_LIFETIME_TOO_LONG"),
     "iss prefix": (
         lambda a: _claims_case(a, iss="https://cmdgate.test.evil"),
         "TOKEN_ISSUER_MISMATCH",
@@ -286,8 +290,11 @@ def test_command_in_token_but_not_on_host(agent: Agent) -> None:
 def test_permission_denied_does_not_say_which_gate(agent: Agent) -> None:
     with agent.client(agent.token(["reboot"])) as client, pytest.raises(NotPermitted) as host:
         client.run("reboot")
+    assert agent.last_audit()["reason"] == "COMMAND_NOT_IN_ALLOWLIST"
     with agent.client(agent.token(["probe"])) as client, pytest.raises(NotPermitted) as token:
         client.run("reboot")
+    assert agent.last_audit()["reason"] == "COMMAND_NOT_IN_TOKEN"
+    # two different gates refused, in words that do not say which
     assert host.value.message == token.value.message
 
 
@@ -310,21 +317,28 @@ def test_invalid_parameters(agent: Agent, params: dict[str, str], reason: str, w
     marker = _new_marker(agent)
     if params.get("file") == "x":
         params = {**params, "file": str(marker)}
+    before = len(agent.audit())
     with agent.client() as client, pytest.raises(InvalidParameters) as info:
         client.run("touch", params)
     assert not marker.exists()
     assert words in info.value.message
-    record = agent.last_audit()
-    assert (record["event"], record["reason"]) == ("run.denied", reason)
+    # (most of these values name no marker: that no run started is the proof nothing ran)
+    assert agent.only_new_denial(before)["reason"] == reason
 
 
-def test_path_parameter_cannot_escape_through_a_symlink(agent: Agent) -> None:
+def test_path_parameter_cannot_escape_through_a_symlink(
+    agent: Agent, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # (a folder of the test's own stands for /etc: a regression must not write the host's)
+    outside = tmp_path_factory.mktemp("outside")
     link = agent.marker_dir / "escape"
-    link.symlink_to("/etc")
+    link.symlink_to(outside)
     try:
-        with agent.client() as client, pytest.raises(InvalidParameters):
-            client.run("touch", {"file": str(link / "cmdgate-pwned")})
-        assert not Path("/etc/cmdgate-pwned").exists()
+        assert_denied(
+            agent, agent.token(), InvalidParameters, "PARAM_INVALID",
+            params={"file": str(link / "pwned")},
+        )  # fmt: skip
+        assert list(outside.iterdir()) == []
     finally:
         link.unlink()
 

@@ -132,6 +132,7 @@ def test_rotation_at_the_provider_and_no_fetch_storm(
         with agent.client(provider.token("k1", k1)) as client, pytest.raises(NotAuthenticated):
             client.run("touch", {"file": str(agent.marker("removed"))})
         assert not agent.marker("removed").exists()
+        assert agent.last_audit()["reason"] == "TOKEN_KID_UNKNOWN"
     finally:
         agent.thread.stop()
 
@@ -153,6 +154,7 @@ def test_a_removed_key_is_refused_even_for_a_cached_token(
             with pytest.raises(NotAuthenticated):
                 client.run("touch", {"file": str(agent.marker("again"))})
         assert not agent.marker("again").exists()
+        assert agent.last_audit()["reason"] == "TOKEN_KID_UNKNOWN"
     finally:
         agent.thread.stop()
 
@@ -181,6 +183,7 @@ def test_a_provider_that_cannot_be_reached_refuses_every_token(
         with agent.client(token) as client, pytest.raises(NotAuthenticated):
             client.run("touch", {"file": str(agent.marker("x"))})
         assert not agent.marker("x").exists()
+        assert agent.last_audit()["reason"] == "TOKEN_KID_UNKNOWN"
     finally:
         agent.thread.stop()
 

@@ -7,7 +7,6 @@ The agent runs as a real process; the test plays systemd's part by binding the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -143,7 +142,8 @@ def test_sigterm_drains_refuses_new_runs_and_records_every_end(
         assert not marker.exists()
         assert process.wait(timeout=20) == 0
     assert not pid_alive(pid)  # the grace (1 s) ran out: killed, not left behind
-    records = [json.loads(line) for line in agent.audit_path.read_text().splitlines()]
+    records = agent.audit()
+    assert [r["reason"] for r in records if r["event"] == "run.denied"] == ["AGENT_STOPPING"]
     finished = [r for r in records if r["event"] == "run.finished"]
     started = [r for r in records if r["event"] == "run.started"]
     assert len(finished) == len(started) >= 1

@@ -156,6 +156,7 @@ def test_past_the_limits_runs_are_refused_at_once(
             with pytest.raises(ClientError) as full:
                 carol.run("touch", {"file": str(marker)})
             assert full.value.code == "RESOURCE_EXHAUSTED" and not marker.exists()
+            assert limited.last_audit()["reason"] == "RATE_LIMITED"
             held.close()
             held_bob.close()
             # the slots come back when the runs end
