@@ -19,6 +19,7 @@ between batches, so no record is lost or written twice.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime
 import errno
@@ -114,7 +115,7 @@ class _Pending:
     __slots__ = ("fields", "future", "reason")
 
     def __init__(
-        self, fields: dict[str, Any] | None, future: asyncio.Future[None] | None, reason: str = ""
+        self, fields: dict[str, Any] | None, future: asyncio.Future[None], reason: str = ""
     ) -> None:
         self.fields = fields
         self.future = future
@@ -146,11 +147,9 @@ class AuditLog:
         self._ticker: asyncio.Task[None] | None = None
         self._reopen_requested = False
         self._closed = False
-
-    @property
-    def seq(self) -> int:
-        """The seq of the last record on disk."""
-        return self._head.seq
+        # its own thread: every call waits for its record, never behind an audit query's
+        # scan of the whole log, a cgroup's removal or a key fetch in the shared pool
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmdgate-audit")
 
     def open(self) -> None:
         """Find where the chain stands (across rotated files) and open the file for appending.
@@ -268,6 +267,7 @@ class AuditLog:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         self._closed = True
+        self._writer.shutdown(wait=False)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -294,7 +294,9 @@ class AuditLog:
                     await self._rotate_now(loop)
                     head = self._head_copy()
                     lines, since = self._chain_batch(batch, head)
-                await loop.run_in_executor(None, self._write_batch, b"".join(lines))
+                if self._closed:  # (its thread is gone too)
+                    raise OSError(errno.EBADF, "the audit log is closed")
+                await loop.run_in_executor(self._writer, self._write_batch, b"".join(lines))
             except Exception as e:  # every waiter must hear, whatever broke
                 if not isinstance(e, OSError):
                     log.exception("audit writer failed")
@@ -302,12 +304,12 @@ class AuditLog:
                 log.error("audit write to %s failed: %s", self.path, reason)
                 error = OSError(getattr(e, "errno", None), f"audit log {self.path}: {reason}")
                 for item in batch:
-                    if item.future is not None and not item.future.done():
+                    if not item.future.done():
                         item.future.set_exception(error)
                 continue
             self._head, self._since_checkpoint = head, since
             for item in batch:
-                if item.future is not None and not item.future.done():
+                if not item.future.done():
                     item.future.set_result(None)
             if any(b'"event":"checkpoint"' in line for line in lines):
                 with contextlib.suppress(OSError):
@@ -324,7 +326,7 @@ class AuditLog:
         head = self._head_copy()
         final = self._chain(head, self._checkpoint_fields("rotate", final=True))
         try:
-            await loop.run_in_executor(None, self._write_batch, final)
+            await loop.run_in_executor(self._writer, self._write_batch, final)
         except OSError as e:
             log.error(
                 "audit log %s: the rotation checkpoint failed, not rotating: %s",
@@ -338,7 +340,7 @@ class AuditLog:
         if self.config.log_records:
             self._log_records([final])
         try:
-            await loop.run_in_executor(None, self._rotate)
+            await loop.run_in_executor(self._writer, self._rotate)
         except OSError as e:
             # the records are safe either way: keep appending to the file we have
             log.error("audit log rotation of %s failed, continuing in it: %s", self.path, e)

@@ -41,6 +41,8 @@ from cmdgate.agent.templates import Limits
 log = logging.getLogger("cmdgate.agent")
 
 RUNS_FOLDER = "cmdgate-runs"
+# A run's pids limit when its template sets none.
+DEFAULT_RUN_PIDS = 1024
 MAX_SPARE_CGROUPS = 64
 
 
@@ -102,13 +104,11 @@ class RunCgroups:
 
     def __init__(
         self,
-        home: Path,
         runs: Path,
         controllers: frozenset[str],
         pids_v1: tuple[Path, Path] | None,
         born_inside: bool = True,
     ) -> None:
-        self.home = home  # where the agent itself lives
         self.runs = runs
         # children are born in their cgroup v2 (else they join it themselves)
         self.born_inside = born_inside
@@ -153,7 +153,7 @@ class RunCgroups:
             "; pids via cgroup v1" if pids_v1 else "",
             "; children are born in it" if born_inside else "; children join it themselves",
         )
-        manager = cls(home, runs, controllers, pids_v1, born_inside)
+        manager = cls(runs, controllers, pids_v1, born_inside)
         manager.sweep_orphans()
         return manager
 
@@ -288,7 +288,11 @@ class RunCgroups:
         pids_path = None
         if self.pids_v1 is not None:
             pids_path = self.pids_v1[1] / name
-            pids_path.mkdir()
+            try:
+                pids_path.mkdir()
+            except OSError:
+                path.rmdir()
+                raise
         return RunCgroup(self, path, pids_path)
 
     def recycle(self, cgroup: RunCgroup) -> bool:
@@ -331,7 +335,8 @@ class RunCgroup:
         controllers = self.owner.controllers
         pids_folder = self.path if "pids" in controllers else self.pids_v1
         if pids_folder is not None:
-            _write(pids_folder / "pids.max", "max" if limits.pids is None else str(limits.pids))
+            # every run is bounded in processes, set or not (a fork bomb stops here)
+            _write(pids_folder / "pids.max", str(limits.pids or DEFAULT_RUN_PIDS))
         if "memory" in controllers:
             memory = limits.memory_bytes
             _write(self.path / "memory.max", "max" if memory is None else str(memory))

@@ -131,7 +131,8 @@ def _serve(config: AgentConfig) -> int:
         notifier.stopping()
         grace = agent.service.state.config.server.drain_grace_seconds
         log.info("stopping: runs in flight get %gs to finish", grace)
-        await agent.stop()
+        async with one_at_a_time:  # a reload under way finishes first, not into a stopped agent
+            await agent.stop()
         watchdog.cancel()
         log.info("stopped")
 
@@ -148,14 +149,15 @@ def _check_config(config: AgentConfig) -> int:
     )
     print(f"{config.source}: OK")
     print(f"listen   {server.listen} ({mode})")
-    auth = config.auth
-    print(f"issuer   {auth.issuer}")
-    print(f"audience {auth.audience}")
-    if auth.jwks_url or auth.discovery:
-        source = auth.jwks_url or f"{auth.issuer} (discovery)"
-        print(f"keys     fetched from {source} every {auth.jwks_ttl_seconds:g}s")
-    else:
-        print(f"keys     {', '.join(f'{k.kid} ({k.algorithm})' for k in auth.keys.values())}")
+    for issuer in config.issuers or (config.auth,):
+        print(f"issuer   {issuer.issuer}")
+        print(f"audience {issuer.audience}")
+        if issuer.jwks_url or issuer.discovery:
+            source = issuer.jwks_url or f"{issuer.issuer} (discovery)"
+            print(f"keys     fetched from {source} every {issuer.jwks_ttl_seconds:g}s")
+        else:
+            print(f"keys     {', '.join(f'{k.kid} ({k.algorithm})' for k in issuer.keys.values())}")
+    auth = config.auth  # the agent-wide settings
     print(
         f"tokens   typ {sorted(auth.token_types) or 'not checked'}, "
         f"claims {list(auth.required_claims)}, replay {auth.replay}, "

@@ -33,10 +33,6 @@ class Notifier:
             else 0.0
         )
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def send(self, *fields: str) -> None:
         if not self.address:
             return

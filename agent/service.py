@@ -52,7 +52,6 @@ from cmdgate.agent.runner import ProcessRun, RunOutcome, StreamName
 from cmdgate.agent.subreaper import OrphanSweeper
 from cmdgate.agent.templates import (
     CommandTemplate,
-    Limits,
     ParamSpec,
     ParamType,
     RenderedArgv,
@@ -84,8 +83,6 @@ MAX_RECORDED_PARAMS = 32
 MAX_AUDIT_QUERY_RECORDS = 10_000
 # How long a stop waits for killed runs to be reaped and recorded.
 KILL_WAIT_SECONDS = 10.0
-# A run's pids limit when its template sets none and the host can enforce one.
-DEFAULT_RUN_PIDS = 1024
 
 
 @dataclass(frozen=True)
@@ -249,16 +246,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self, template: CommandTemplate, argv: RenderedArgv, timeout: float, run_id: str
     ) -> ProcessRun:
         cgroup = None
-        limits = template.limits
         if self.cgroups is not None:
             try:
                 cgroup = self.cgroups.create(run_id)
             except OSError as e:
                 # contained or not at all
                 raise SpawnFailed(f"cannot create the run's cgroup: {e.strerror}") from None
-            if limits.pids is None and self.cgroups.supports(Limits(pids=1)) is None:
-                # every run is bounded in processes (a fork bomb stops here)
-                limits = dataclasses.replace(limits, pids=DEFAULT_RUN_PIDS)
         return ProcessRun(
             argv,
             template.child_env(),
@@ -267,7 +260,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             template.max_output_bytes,
             run_as=template.run_as,
             cgroup=cgroup,
-            limits=limits,
+            limits=template.limits,
             sweeper=self.sweeper,
         )
 
@@ -408,7 +401,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         guard = self.replay_guard or await self._load_replay_guard(state)
         until = claims.expires_at + auth.leeway_seconds
         guard.take(claims.jti, until)  # at once: a concurrent call with it is refused now
-        assert claims.jti is not None
+        assert claims.jti is not None  # take() refuses a token without one
         try:
             await asyncio.get_running_loop().run_in_executor(None, guard.persist, claims.jti, until)
         except OSError as e:

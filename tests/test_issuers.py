@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -182,3 +184,20 @@ def test_issuer_lists_are_checked_at_load(
     config.write_text(config_text(lab, keys, tmp_path, change(two_issuers(keys, bots_key[1]))))
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(config)
+
+
+def test_check_config_names_every_issuer(agent2: Agent) -> None:
+    agent_cli = Path(sys.executable).with_name("cmdgate-agent")
+    done = subprocess.run(
+        [str(agent_cli), "check-config", "--config", str(agent2.thread.config.source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    issuers = [row[1] for row in rows if row[:1] == ["issuer"]]
+    audiences = [row[1] for row in rows if row[:1] == ["audience"]]
+    assert (issuers, audiences) == ([ISSUER, BOTS], [AUDIENCE, "robots"])
+    assert "bot-1 (EdDSA)" in done.stdout

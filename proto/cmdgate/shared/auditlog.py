@@ -154,7 +154,11 @@ def first_seq(path: Path) -> int:
 def read_records(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
     """Every parseable record of ``paths``, in order (lines that are not JSON are skipped)."""
     for path in paths:
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue  # rotated away (and compressed, or deleted) since it was listed
+        with f:
             for line in f:
                 record = parse_line(line)
                 if record is not None:
@@ -171,10 +175,10 @@ class AuditFilter:
     since: str = ""  # RFC 3339 UTC as the log writes it: ...T12:00:00.000000Z
     until: str = ""
     run_id: str = ""
-    include_checkpoints: bool = False
 
     def matches(self, record: Mapping[str, Any]) -> bool:
-        if record.get("event") == CHECKPOINT_EVENT and not self.include_checkpoints:
+        """Checkpoints are the log's own, never a match."""
+        if record.get("event") == CHECKPOINT_EVENT:
             return False
         ts = str(record.get("ts", ""))
         return (
