@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,11 @@ class RunningAgent:
         if old.audit != config.audit:
             log.warning("reload: [audit] changes only with a restart")
         old_remotes = self.service.state.verifier.remotes
-        self.service.state = AgentState.from_config(config, await _remote_keys(config))
+        remotes = await _remote_keys(config, kept=old_remotes)
+        self.service.state = AgentState.from_config(config, remotes)
         for remote in old_remotes:
-            remote.stop()
+            if remote not in remotes.values():
+                remote.stop()
         with contextlib.suppress(OSError):
             await self.audit.write(
                 "config.reloaded",
@@ -129,11 +132,21 @@ class RunningAgent:
             self.service.metrics.close()
 
 
-async def _remote_keys(config: AgentConfig) -> dict[str, RemoteKeys]:
-    """Keys from each identity provider that has them, fetched once now and kept fresh."""
+async def _remote_keys(
+    config: AgentConfig, kept: Sequence[RemoteKeys] = ()
+) -> dict[str, RemoteKeys]:
+    """Keys from each identity provider that has them, fetched once now and kept fresh.
+
+    On a reload, an issuer whose settings did not change keeps its key set as it is: a
+    fetch failing at that moment (a reload at every log rotation) must not refuse all
+    its tokens until the next one works. One whose settings changed starts afresh."""
     remotes: dict[str, RemoteKeys] = {}
     for auth in config.issuers or (config.auth,):
         if auth.jwks_url is None and not auth.discovery:
+            continue
+        same = next((r for r in kept if r.auth == auth), None)
+        if same is not None:
+            remotes[auth.issuer] = same
             continue
         remote = RemoteKeys(auth)
         if not await remote.refresh():

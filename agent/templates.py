@@ -9,6 +9,7 @@ ever goes near a shell.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import os
@@ -162,8 +163,9 @@ class ArgTemplate:
 
     parts: tuple[ArgPart, ...]
 
-    @property
+    @functools.cached_property
     def names(self) -> tuple[str, ...]:
+        """The parameters it uses (worked out once: every render asks)."""
         return tuple(p.name for p in self.parts if isinstance(p, Placeholder))
 
     def __str__(self) -> str:
@@ -282,11 +284,7 @@ class CommandTemplate:
                 values[name] = spec.validate(spec.default)
             elif spec.required:
                 raise InvalidParameters("PARAM_MISSING", f"parameter {name!r} is required")
-        shown = {
-            name: secret_digest(value) if self.params[name].secret else value
-            for name, value in values.items()
-        }
-        return RenderedCommand(self._build(values), self._build(shown))
+        return RenderedCommand(self._build(values), self._build(self.redact(values)))
 
     def _build(self, values: Mapping[str, str]) -> RenderedArgv:
         argv = [self.executable]

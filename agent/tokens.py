@@ -33,6 +33,8 @@ from cmdgate.shared.wire import AUTHORIZATION_KEY
 
 # Checked before any base64 or cryptography runs.
 MAX_TOKEN_BYTES = 8192
+# one for every token: it holds only its algorithm table, which a call does not change
+_JWS = jwt.PyJWS()
 VERIFIED_CACHE_SIZE = 4096
 
 
@@ -127,7 +129,7 @@ class TokenVerifier:
         payload = _decode_json_segment(segments[1], "payload")
         key = self._key_for(header)
         try:
-            jwt.PyJWS().decode_complete(token, key.key, algorithms=[key.algorithm])
+            _JWS.decode_complete(token, key.key, algorithms=[key.algorithm])
         except InvalidSignatureError:
             raise AuthenticationFailed(
                 "TOKEN_SIGNATURE_INVALID", f"signature does not verify with kid {key.kid!r}"

@@ -5,6 +5,7 @@ The provider is a real HTTP server on loopback serving a JWKS that the test chan
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -250,3 +251,26 @@ def test_a_redirect_to_plain_http_is_not_followed() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_reload_keeps_the_keys_of_an_unchanged_provider(
+    lab: LabPaths, keys: Keys, tmp_path: Path, provider: Provider
+) -> None:
+    """A reload (logrotate sends one daily) while the provider cannot be reached must not
+    refuse its tokens: the issuer's settings did not change, so neither do its keys."""
+    key = provider.add_key("k")
+    agent = start(lab, keys, tmp_path, provider, f'jwks_url = "{provider.issuer}/jwks"')
+    try:
+        with agent.client(provider.token("k", key)) as client:
+            assert client.run("touch", {"file": str(agent.marker("before"))}).exit_code == 0
+        provider.close()
+        running = agent.thread.running
+        reloaded = asyncio.run_coroutine_threadsafe(
+            running.reload(agent.thread.config.source), agent.thread.loop
+        ).result(timeout=30)
+        assert reloaded is True
+        with agent.client(provider.token("k", key)) as client:
+            assert client.run("touch", {"file": str(agent.marker("after"))}).exit_code == 0
+        assert agent.marker("after").exists()
+    finally:
+        agent.thread.stop()
