@@ -149,7 +149,7 @@ def _check_config(config: AgentConfig) -> int:
     )
     print(f"{config.source}: OK")
     print(f"listen   {server.listen} ({mode})")
-    for issuer in config.issuers or (config.auth,):
+    for issuer in config.issuers:
         print(f"issuer   {issuer.issuer}")
         print(f"audience {issuer.audience}")
         if issuer.jwks_url or issuer.discovery:

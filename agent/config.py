@@ -150,13 +150,17 @@ class AgentConfig:
 
     source: Path
     server: ServerConfig
-    auth: AuthConfig
     audit: AuditConfig
     commands: Mapping[str, CommandTemplate]
-    metrics: MetricsConfig = MetricsConfig(False, "127.0.0.1", 9464)
-    # Every trusted issuer, each with its own keys, audience, algorithms and claim name;
-    # ``auth`` is the first. One unless [[auth.issuers]] lists several.
-    issuers: tuple[AuthConfig, ...] = ()
+    metrics: MetricsConfig
+    # Every trusted issuer (one or more), each with its own keys, audience, algorithms and
+    # claim name. One unless [[auth.issuers]] lists several.
+    issuers: tuple[AuthConfig, ...]
+
+    @property
+    def auth(self) -> AuthConfig:
+        """The first issuer's, which carries the agent-wide [auth] settings too."""
+        return self.issuers[0]
 
 
 class _Table:
@@ -255,15 +259,14 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     top = _Table(file, "", data)
     server = _load_server(top.table("server"), base)
     issuers = _load_issuers(top.table("auth"), base)
-    auth = issuers[0]
-    if auth.require_cnf and server.client_ca_pem is None:
+    if issuers[0].require_cnf and server.client_ca_pem is None:
         # a binding to the client certificate needs one on every connection
         top.fail("auth.require_cnf", "needs server.client_ca (mutual TLS)")
     audit = _load_audit(top.table("audit", default={}), base)
     commands = _load_commands(top.table("commands", default={}))
     metrics = _load_metrics(top.table("metrics", default={}))
     top.finish()
-    return AgentConfig(file, server, auth, audit, commands, metrics, issuers)
+    return AgentConfig(file, server, audit, commands, metrics, issuers)
 
 
 def _load_metrics(table: _Table) -> MetricsConfig:

@@ -141,7 +141,7 @@ async def _remote_keys(
     fetch failing at that moment (a reload at every log rotation) must not refuse all
     its tokens until the next one works. One whose settings changed starts afresh."""
     remotes: dict[str, RemoteKeys] = {}
-    for auth in config.issuers or (config.auth,):
+    for auth in config.issuers:
         if auth.jwks_url is None and not auth.discovery:
             continue
         same = next((r for r in kept if r.auth == auth), None)

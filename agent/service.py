@@ -98,7 +98,7 @@ class AgentState:
         cls, config: AgentConfig, remotes: Mapping[str, RemoteKeys] | None = None
     ) -> AgentState:
         revoked = config.auth.revoked_file
-        issuers = config.issuers or (config.auth,)
+        issuers = config.issuers
         verifiers = {
             auth.issuer: TokenVerifier(auth, remote=(remotes or {}).get(auth.issuer))
             for auth in issuers

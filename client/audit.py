@@ -53,14 +53,13 @@ class _Line:
     path: Path
     number: int
     record: dict[str, Any] | None
-    raw: bytes
 
 
 def _lines(paths: Sequence[Path]) -> Iterator[_Line]:
     for path in paths:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
-                yield _Line(path, number, parse_line(raw), raw)
+                yield _Line(path, number, parse_line(raw))
 
 
 def chain_order(paths: Iterable[Path]) -> list[Path]:
@@ -97,13 +96,17 @@ def verify_logs(
     prev_path: Path | None = None
     last_checkpoint: dict[str, Any] | None = None
     since_checkpoint = 0
-    pending: list[_Line] = list(_lines(ordered))
+    # one line at a time, with one of look-ahead: the log may be far larger than memory
+    lines = _lines(ordered)
+    line = next(lines, None)
+    last_line: _Line | None = None
 
     def fail(line: _Line, what: str) -> VerifyReport:
         report.problem = f"{line.path}:{line.number}: {what}"
         return report
 
-    for index, line in enumerate(pending):
+    while line is not None:
+        following_line = next(lines, None)
         record = line.record
         if record is None:
             return fail(line, "edited: the line is not a JSON record")
@@ -125,7 +128,7 @@ def verify_logs(
                     )
                 report.notes.append(f"the log starts at seq {seq}: earlier files not given")
         elif seq != prev_seq + 1:
-            following = pending[index + 1].record if index + 1 < len(pending) else None
+            following = following_line.record if following_line is not None else None
             if seq <= prev_seq:
                 return fail(
                     line,
@@ -167,22 +170,23 @@ def verify_logs(
             since_checkpoint += 1
         prev_seq, prev_hash, prev_path = seq, stated, line.path
         report.records += 1
+        last_line, line = line, following_line
     report.last_seq = prev_seq
     report.unsigned_tail = since_checkpoint
-    if last_checkpoint is None:
+    if last_checkpoint is None or last_line is None:
         return report
     if last_checkpoint.get("final") and since_checkpoint == 0:
         if last_checkpoint.get("reason") == "rotate":
             if not partial:
                 report.problem = (
-                    f"{pending[-1].path}:{pending[-1].number}: deleted: the log "
+                    f"{last_line.path}:{last_line.number}: deleted: the log "
                     "ends where a file was rotated, so the files after it are "
                     "missing (give them, or --partial)"
                 )
                 return report
             report.notes.append("the log ends where a file was rotated: give the files after it")
         return report
-    _check_fresh(report, pending[-1], last_checkpoint, since_checkpoint, now)
+    _check_fresh(report, last_line, last_checkpoint, since_checkpoint, now)
     return report
 
 
