@@ -13,7 +13,6 @@ and with ``dry_run`` only say what they would do.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import cmdgate
 from cmdgate.agent.config import load_config
 from cmdgate.agent.errors import ConfigError
-from cmdgate.agent.lab import LabError, LabPaths, write_lab
+from cmdgate.agent.lab import LAB_HEADER, LabError, LabPaths, toml_string, write_lab
 
 UNIT = "cmdgate-agent.service"
 READONLY_UNIT = "cmdgate-agent-readonly.service"
@@ -51,7 +50,6 @@ READONLY_STARTER_LISTEN = "127.0.0.1:7444"
 # it into the runtime folder, which only that user can open.
 READONLY_TLS_KEY = "/run/cmdgate-readonly/server.key"
 # The first line of the lab's agent.toml, which is no longer true once install has edited it.
-LAB_HEADER = "# cmdgate agent configuration for a lab, written by `cmdgate-agent init`.\n"
 STARTER_HEADER = (
     "# Starter config written by `cmdgate-agent install` for cmdgate-agent.service.\n"
     "# Replace keys/jwks.json with your issuer's and [commands] with your own, then\n"
@@ -372,10 +370,10 @@ def _write_starter(config_dir: Path) -> None:
     except (LabError, ValueError) as e:
         raise InstallError(f"cannot write a starter config: {e}") from None
     text = paths.config.read_text(encoding="utf-8")
-    text = _set_keys(text, "server", {"state_dir": _toml_string(str(STATE_DIR))})
-    text = _set_keys(text, "audit", {"path": _toml_string(str(LOG_DIR / "audit.jsonl"))})
+    text = _set_keys(text, "server", {"state_dir": toml_string(str(STATE_DIR))})
+    text = _set_keys(text, "audit", {"path": toml_string(str(LOG_DIR / "audit.jsonl"))})
     _write_atomically(paths.config, STARTER_HEADER + text.removeprefix(LAB_HEADER), 0o600)
-    if paths.root != Path("/etc/cmdgate"):
+    if paths.root != Path(CONFIG_DIR):
         # --root: client.env names the paths as the installed system will see them
         env = paths.client_env.read_text(encoding="utf-8")
         _write_atomically(paths.client_env, env.replace(str(paths.root), str(CONFIG_DIR)), 0o600)
@@ -403,17 +401,16 @@ def _restrict(paths: LabPaths) -> None:
 def _write_readonly_starter(config_dir: Path, readonly_dir: Path) -> None:
     """The read-only unit's folder: public files 0644 for its dynamic user, the key 0600."""
     source = (config_dir / "agent.toml").read_text(encoding="utf-8").removeprefix(STARTER_HEADER)
-    source = source.removeprefix(LAB_HEADER)
     text = _set_keys(
         source,
         "server",
         {
-            "listen": _toml_string(READONLY_STARTER_LISTEN),
-            "tls_key": _toml_string(READONLY_TLS_KEY),
-            "state_dir": _toml_string(str(READONLY_STATE_DIR)),
+            "listen": toml_string(READONLY_STARTER_LISTEN),
+            "tls_key": toml_string(READONLY_TLS_KEY),
+            "state_dir": toml_string(str(READONLY_STATE_DIR)),
         },
     )
-    text = _set_keys(text, "audit", {"path": _toml_string(str(READONLY_LOG_DIR / "audit.jsonl"))})
+    text = _set_keys(text, "audit", {"path": toml_string(str(READONLY_LOG_DIR / "audit.jsonl"))})
     header = (
         f"# Starter config written by `cmdgate-agent install` for {READONLY_UNIT}.\n"
         "# Its dynamic user reads this folder, so all in it is public but tls/server.key,\n"
@@ -444,10 +441,6 @@ def _new_file(path: Path, content: bytes, mode: int) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(content)
     os.chmod(path, mode)
-
-
-def _toml_string(text: str) -> str:
-    return json.dumps(text)
 
 
 def _set_keys(text: str, table: str, values: Mapping[str, str]) -> str:

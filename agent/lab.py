@@ -28,6 +28,8 @@ from cmdgate.agent.errors import ConfigError
 from cmdgate.shared.keys import KeyFileError, keygen, load_private_key, mint_token, write_new_file
 from cmdgate.shared.wire import parse_target
 
+# The first line of every agent.toml that `cmdgate-agent init` writes.
+LAB_HEADER = "# cmdgate agent configuration for a lab, written by `cmdgate-agent init`.\n"
 LAB_ISSUER = "https://cmdgate.lab"
 LAB_AUDIENCE = "cmdgate"
 LAB_ALGORITHM = "EdDSA"
@@ -448,7 +450,7 @@ def _agent_toml(paths: LabPaths, listen: str, templates: Sequence[_LabTemplate])
         return path.relative_to(paths.root).as_posix()
 
     lines = [
-        "# cmdgate agent configuration for a lab, written by `cmdgate-agent init`.",
+        LAB_HEADER.rstrip("\n"),
         "# Relative paths are resolved against the folder of this file.",
         "",
         "[server]",
@@ -487,14 +489,14 @@ def _agent_toml(paths: LabPaths, listen: str, templates: Sequence[_LabTemplate])
     return "\n".join(lines) + "\n"
 
 
-def _toml_str(text: str) -> str:
+def toml_string(text: str) -> str:
     """A TOML basic string: JSON's escapes are TOML's, except that DEL must be escaped too."""
     # ensure_ascii=False: JSON would write astral characters as surrogate pairs, which TOML refuses
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
 
 
 def _toml_value(value: TomlValue) -> str:
@@ -504,5 +506,5 @@ def _toml_value(value: TomlValue) -> str:
     if isinstance(value, int):
         return repr(value)
     if isinstance(value, str):
-        return _toml_str(value)
-    return "[" + ", ".join(_toml_str(v) for v in value) + "]"
+        return toml_string(value)
+    return "[" + ", ".join(toml_string(v) for v in value) + "]"
