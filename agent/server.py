@@ -206,6 +206,16 @@ def server_credentials(config: AgentConfig) -> grpc.ServerCredentials | None:
 
 async def start_agent(config: AgentConfig) -> RunningAgent:
     """Open the audit log, bind the port and start serving; raise ``ConfigError`` if it cannot."""
+    # what can still refuse the start comes before ``agent.started`` is in the chain
+    cgroups, sweeper = _process_control(config)
+    _check_limits(config, cgroups)
+    metrics = None
+    if config.metrics.enabled:
+        metrics = Metrics.create()
+        try:
+            metrics.serve(config.metrics.listen_host, config.metrics.listen_port)
+        except OSError as e:
+            raise ConfigError(f"{config.source}: metrics.listen: {e.strerror}") from None
     try:
         key = load_or_create_audit_key(config.server.state_dir)
     except (OSError, ValueError) as e:
@@ -238,15 +248,6 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
                 "chain.gap",
                 {"reason": "RECORDS_MISSING", "first_missing": first, "last_missing": last},
             )
-    cgroups, sweeper = _process_control(config)
-    _check_limits(config, cgroups)
-    metrics = None
-    if config.metrics.enabled:
-        metrics = Metrics.create()
-        try:
-            metrics.serve(config.metrics.listen_host, config.metrics.listen_port)
-        except OSError as e:
-            raise ConfigError(f"{config.source}: metrics.listen: {e.strerror}") from None
     remote = await _remote_keys(config)
     service = AgentService(AgentState.from_config(config, remote), audit, cgroups, metrics, sweeper)
     server = aio.server(options=server_options(config))

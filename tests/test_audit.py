@@ -287,6 +287,9 @@ def test_secret_parameters_never_reach_the_log(agent: Agent) -> None:
     # a denied call with the secret is redacted too
     with agent.client(agent.token(["other"])) as client, pytest.raises(NotPermitted):
         client.run("login", {"password": password + "2", "user": "bob"})
+    denied = agent.last_audit()
+    assert denied["reason"] == "COMMAND_NOT_IN_TOKEN"
+    assert denied["params"]["password"].startswith("sha256:")
     assert password not in agent.audit_path.read_text()
 
 

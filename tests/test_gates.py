@@ -377,6 +377,12 @@ def test_every_audit_record_is_one_line_even_with_newlines_in_input(agent: Agent
     lines = agent.audit_path.read_text().splitlines()
     assert all(json.loads(line)["event"] for line in lines)
     assert not any(json.loads(line).get("forged") for line in lines)
+    # escaped, not dropped: the record holds the name exactly as it came
+    record = agent.last_audit()
+    assert (record["reason"], record["command"]) == (
+        "COMMAND_NOT_IN_ALLOWLIST",
+        'touch\n{"forged": true}',
+    )
 
 
 def test_client_refuses_plaintext_to_a_remote_host() -> None:

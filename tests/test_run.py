@@ -295,10 +295,13 @@ def test_a_path_in_a_folder_others_may_write_is_refused(agent: Agent) -> None:
         with pytest.raises(InvalidParameters, match="could be swapped"):
             client.run("touch", {"file": str(shared / "x")})
         assert not (shared / "x").exists()
+        assert agent.last_audit()["reason"] == "PARAM_INVALID"
         # in a sticky folder, an entry owned by root cannot be renamed by others
         assert client.run("touch", {"file": str(sticky / "owned-by-root" / "y")}).exit_code == 0
         with pytest.raises(InvalidParameters, match="could be swapped"):
             client.run("touch", {"file": str(sticky / "not-yet-there")})
+        assert not (sticky / "not-yet-there").exists()
+        assert agent.last_audit()["reason"] == "PARAM_INVALID"
 
 
 def test_stopping_the_agent_kills_and_records_runs_in_flight(

@@ -117,6 +117,9 @@ memory = "64M"
     if probe is None or "memory" not in probe.controllers:
         with pytest.raises(ConfigError, match=r"commands\.big\.limits: cannot be enforced here"):
             start_test_agent(lab, keys, tmp_path / "mem", extra=extra)
+        # refused before the audit log says the agent started
+        log = tmp_path / "mem" / "audit.jsonl"
+        assert not log.exists() or b"agent.started" not in log.read_bytes()
         return
     agent = start_test_agent(lab, keys, tmp_path / "mem", extra=extra)
     try:
