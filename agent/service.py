@@ -63,7 +63,7 @@ from cmdgate.agent.tokens import (
     bearer_token,
     token_fingerprint,
 )
-from cmdgate.shared.auditlog import AuditFilter, log_files, normalise_time, read_records
+from cmdgate.shared.auditlog import AuditFilter, log_files, read_records
 from cmdgate.shared.keys import certificate_sha256, thumbprint
 from cmdgate.v1 import agent_pb2, agent_pb2_grpc
 
@@ -522,23 +522,19 @@ def _base_record(
 
 
 def _audit_filter(request: agent_pb2.AuditQueryRequest) -> AuditFilter:
-    if request.decision not in ("", "allowed", "denied"):
-        raise InvalidParameters("QUERY_INVALID", "decision must be 'allowed' or 'denied'")
+    r = request
     try:
-        since = normalise_time(request.since) if request.since else ""
-        until = normalise_time(request.until) if request.until else ""
+        return AuditFilter.parse(r.sub, r.command, r.decision, r.since, r.until, r.run_id)
     except ValueError as e:
         raise InvalidParameters("QUERY_INVALID", str(e)) from None
-    return AuditFilter(request.sub, request.command, request.decision, since, until, request.run_id)
 
 
 def _query_log(path: Path, wanted: AuditFilter, limit: int) -> list[str]:
     """The newest ``limit`` matching records of the log and its rotated files, oldest first."""
-    matching: collections.deque[str] = collections.deque(maxlen=limit)
-    for record in read_records(log_files(path)):
-        if wanted.matches(record):
-            matching.append(json.dumps(record, ensure_ascii=True, separators=(",", ":")))
-    return list(matching)
+    return [
+        json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+        for record in wanted.newest(read_records(log_files(path)), limit)
+    ]
 
 
 def _effective_timeout(requested: float, template: CommandTemplate) -> float:

@@ -78,7 +78,8 @@ class OrphanSweeper:
         """SIGKILL every adopted orphan (with its descendants) born no earlier than
         ``born_after`` (a ``create_time`` of the run's leader); returns how many."""
         killed = 0
-        for orphan in self._orphans():
+        orphans = self._orphans()  # one scan of /proc for the kill and the reap
+        for orphan in orphans:
             try:
                 if orphan.create_time() < born_after:
                     continue
@@ -91,12 +92,12 @@ class OrphanSweeper:
                     killed += 1
         if killed:
             log.warning("killed %d process(es) that had escaped their run's group", killed)
-        self.reap()
+        self.reap(orphans)
         return killed
 
-    def reap(self) -> None:
+    def reap(self, orphans: list[psutil.Process] | None = None) -> None:
         """Wait for adopted orphans that have exited (never a run's leader: not ours to reap)."""
-        for orphan in self._orphans():
+        for orphan in self._orphans() if orphans is None else orphans:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(orphan.pid, os.WNOHANG)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from cmdgate.client.api import Client, ClientError, Exited, RunEvent
+    from cmdgate.shared.auditlog import AuditFilter
 
 T = TypeVar("T")
 
@@ -684,15 +685,14 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_filter(args: argparse.Namespace) -> Any:
-    from cmdgate.shared.auditlog import AuditFilter, normalise_time
+def _audit_filter(args: argparse.Namespace) -> AuditFilter:
+    from cmdgate.shared.auditlog import AuditFilter
 
+    a = args
     try:
-        since = normalise_time(args.since) if args.since else ""
-        until = normalise_time(args.until) if args.until else ""
+        return AuditFilter.parse(a.sub, a.command, a.decision, a.since, a.until, a.run_id)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return AuditFilter(args.sub, args.command, args.decision, since, until, args.run_id)
 
 
 def _audit_query(args: argparse.Namespace) -> int:
@@ -711,11 +711,7 @@ def _audit_query(args: argparse.Namespace) -> int:
         from cmdgate.client.audit import chain_order
         from cmdgate.shared.auditlog import read_records
 
-        records = [
-            r for r in read_records(chain_order(_existing_files(args.files))) if wanted.matches(r)
-        ]
-        if args.limit:
-            records = records[-args.limit :]
+        records = wanted.newest(read_records(chain_order(_existing_files(args.files))), args.limit)
         hosts_records, status = [(None, r) for r in records], 0
     if args.json:
         for host, record in hosts_records:
@@ -729,7 +725,7 @@ def _audit_query(args: argparse.Namespace) -> int:
 
 
 def _remote_audit(
-    args: argparse.Namespace, wanted: Any
+    args: argparse.Namespace, wanted: AuditFilter
 ) -> tuple[list[tuple[str | None, dict[str, Any]]], int]:
     """Ask every target at once, merge the records by time; a failed host makes the exit 1."""
     from cmdgate.client.api import ClientError

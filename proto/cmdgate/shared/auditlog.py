@@ -14,6 +14,7 @@ to hide an edit cannot sign the checkpoints that follow.
 from __future__ import annotations
 
 import base64
+import collections
 import datetime
 import glob
 import hashlib
@@ -175,6 +176,25 @@ class AuditFilter:
     since: str = ""  # RFC 3339 UTC as the log writes it: ...T12:00:00.000000Z
     until: str = ""
     run_id: str = ""
+
+    @classmethod
+    def parse(
+        cls, sub: str, command: str, decision: str, since: str, until: str, run_id: str
+    ) -> AuditFilter:
+        """A filter from what a person typed (times as ``normalise_time`` takes them);
+        ValueError naming what is wrong."""
+        if decision not in ("", "allowed", "denied"):
+            raise ValueError("decision must be 'allowed' or 'denied'")
+        since = normalise_time(since) if since else ""
+        until = normalise_time(until) if until else ""
+        return cls(sub, command, decision, since, until, run_id)
+
+    def newest(self, records: Iterable[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` records that match (all of them for 0), oldest first; holds
+        no more than ``limit`` at a time."""
+        kept: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit or None)
+        kept.extend(dict(r) for r in records if self.matches(r))
+        return list(kept)
 
     def matches(self, record: Mapping[str, Any]) -> bool:
         """Checkpoints are the log's own, never a match."""
