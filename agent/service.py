@@ -92,6 +92,8 @@ class AgentState:
     config: AgentConfig
     verifier: IssuerRouter
     revocations: RevocationList | None = None
+    # what ListCommands says of each template, built once per config, not per call
+    command_infos: Mapping[str, agent_pb2.CommandInfo] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(
@@ -107,6 +109,7 @@ class AgentState:
             config,
             IssuerRouter(verifiers),
             RevocationList(revoked) if revoked is not None else None,
+            {name: _command_info(t) for name, t in config.commands.items()},
         )
 
 
@@ -318,7 +321,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await self._deny(context, "list", record, denial)
         record["commands"] = [t.name for t in templates]
         await self._write_allowed(context, "list", record)
-        return agent_pb2.ListCommandsResponse(commands=[_command_info(t) for t in templates])
+        infos = state.command_infos
+        return agent_pb2.ListCommandsResponse(commands=[infos[t.name] for t in templates])
 
     async def AuditQuery(
         self, request: agent_pb2.AuditQueryRequest, context: aio.ServicerContext[Any, Any]
